@@ -1,0 +1,5 @@
+import sys
+
+from metaldefect.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""The ``metaldefect`` command: argument parsing only; the work happens in the library.
+
+Each command group lives in its own module exposing ``register(subparsers)``; a
+command's handler takes the parsed arguments and returns an exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from metaldefect.errors import MetalDefectError
+
+# Command-group modules under metaldefect.cli, each with register(subparsers).
+COMMAND_MODULES = ["data"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metaldefect",
+        description="Find defects on metal surface images: dataset tools, training, evaluation, inference.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"metaldefect.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except MetalDefectError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
