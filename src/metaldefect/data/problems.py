@@ -42,8 +42,9 @@ class ProblemLog:
     def __iter__(self):
         return iter(self.problems)
 
-    def print(self, stream=sys.stderr, limit: int | None = None) -> None:
-        """Print one line per problem (the first ``limit`` of them, then a count)."""
+    def print(self, stream=None, limit: int | None = None) -> None:
+        """Print one line per problem (the first ``limit`` of them, then a count) to ``stream`` (stderr)."""
+        stream = stream or sys.stderr  # looked up at call time, so redirected stderr is honoured
         shown = self.problems if limit is None else self.problems[:limit]
         for problem in shown:
             print(f"warning: {problem}", file=stream)
