@@ -12,7 +12,7 @@ import sys
 from metaldefect.errors import MetalDefectError
 
 # Command-group modules under metaldefect.cli, each with register(subparsers).
-COMMAND_MODULES = ["data"]
+COMMAND_MODULES = ["data", "weights", "features"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `metaldefect ... | head` closed the pipe: stop quietly, as Unix tools do.
+        sys.stderr.close()
+        return 141
 
 
 if __name__ == "__main__":
