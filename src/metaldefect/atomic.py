@@ -11,6 +11,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# mkstemp creates files readable by their owner only; outputs get the mode a plain
+# open() would give them (0666 less the umask). Read once: os.umask can only be read by setting it.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
@@ -21,6 +27,7 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -53,6 +60,7 @@ def staged_directory(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes it owner-only; outputs get a normal folder's mode
     try:
         yield staging
         if path.exists():

@@ -1,0 +1,75 @@
+"""Checkpoints: written atomically, resumable, and enough to rebuild the trained model.
+
+A checkpoint is a dict:
+``{"epoch": completed epochs, "part": "head" | "model", "state": state dict of that part,
+"model_spec": create_model kwargs, "classes": [...], "metrics": val metrics of that epoch}``
+plus, in ``checkpoint_last.pt`` only, ``"optimizer"``, ``"scheduler"``, ``"rng"``,
+``"history"`` and ``"trainer"`` (best value, stale epochs) for ``--resume``.
+With a frozen backbone only the head is stored (``part: "head"``); the backbone is
+rebuilt from its pretrained weights, named in ``model_spec`` (a frozen randomly
+initialised backbone, which cannot be rebuilt so, is stored as ``"backbone_state"``).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metaldefect.atomic import atomic_path
+from metaldefect.errors import MetalDefectError
+from metaldefect.models.factory import DefectModel, create_model
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise MetalDefectError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a damaged file; all mean the same here
+        raise MetalDefectError(f"{path}: cannot read checkpoint ({error.__class__.__name__}: {error})") from None
+
+
+def capture_rng() -> dict:
+    """The random states a resumed run needs to continue the same sequence (one process)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_from_checkpoint(checkpoint: dict, device: str | torch.device = "cpu") -> DefectModel:
+    """Rebuild the trained :class:`DefectModel` (backbone + head) from a checkpoint dict."""
+    spec = dict(checkpoint["model_spec"])
+    if checkpoint["part"] == "model":
+        spec["pretrained"] = False  # every weight comes from the checkpoint
+    model = create_model(**spec)
+    target = model.head if checkpoint["part"] == "head" else model
+    target.load_state_dict(checkpoint["state"])
+    if "backbone_state" in checkpoint:
+        model.backbone.load_state_dict(checkpoint["backbone_state"])
+    return model.to(device).eval()
+
+
+def load_run(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu") -> tuple[DefectModel, list[str], dict]:
+    """``(model, classes, checkpoint)`` of a training run directory; ``which`` is "best" or "last"."""
+    if which not in ("best", "last"):
+        raise MetalDefectError(f"checkpoint {which!r}: expected 'best' or 'last'")
+    checkpoint = load_checkpoint(Path(run_dir) / f"checkpoint_{which}.pt")
+    return model_from_checkpoint(checkpoint, device), list(checkpoint["classes"]), checkpoint

@@ -1,0 +1,99 @@
+"""One epoch of training, and evaluation (DETR style), for any head obeying the heads contract.
+
+``model`` is either a head (frozen backbone: the loader yields ``(features dict, targets)``
+from the feature cache) or a :class:`DefectModel` (end to end: the loader yields
+``(images [B, 3, S, S], targets)``), possibly wrapped in DistributedDataParallel. Either
+way ``model(inputs)`` gives the head's outputs, and the head scores them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from metaldefect.engine.metrics import ConfusionMatrix, MetricSums
+from metaldefect.errors import MetalDefectError
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    """The head that scores the outputs: the model itself, or a DefectModel's ``.head``."""
+    module = unwrap(model)
+    return getattr(module, "head", module)
+
+
+def to_device(inputs, device: torch.device):
+    """Move an image batch, or a features dict of tensors (and lists of tensors), to ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=True)
+    if isinstance(inputs, dict):
+        return {key: to_device(value, device) for key, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return [to_device(value, device) for value in inputs]
+    return inputs
+
+
+def _batch_size(inputs) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    return next(iter(inputs.values())).shape[0]
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch: int,
+                    device: torch.device, grad_clip: float = 0.0, progress: bool = True) -> dict[str, float]:
+    """Train for one pass over ``loader``; return the epoch's mean losses and metrics (all processes).
+
+    Metrics are computed on the training batches as they go (dropout and augmentation on),
+    as Keras reports them in the paper's curves.
+    """
+    model.train()
+    head = head_of(model)
+    sums = MetricSums()
+    bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
+    for inputs, targets in bar:
+        inputs = to_device(inputs, device)
+        outputs = model(inputs)
+        losses = head.loss(outputs, targets)
+        loss = losses["loss"]
+        if not math.isfinite(loss.item()):
+            raise MetalDefectError(f"epoch {epoch}: the training loss became {loss.item()}; "
+                                   "lower train.lr or set train.grad_clip")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        sums.add_losses({name: value.detach() for name, value in losses.items()}, _batch_size(inputs))
+        sums.add(head.metrics(outputs, targets))
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return sums.all_reduce().means()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, num_labels: int | None = None,
+             progress: bool = True, desc: str = "val") -> tuple[dict[str, float], torch.Tensor | None]:
+    """Mean losses and metrics over ``loader`` (all processes), and the confusion matrix.
+
+    ``num_labels`` sizes the confusion matrix (classes + 1 for "no defect"); it is None
+    when not wanted or when the head has no ``confusion`` method.
+    """
+    model = unwrap(model)  # no DDP collectives in evaluation: shards may differ in length
+    model.eval()
+    head = head_of(model)
+    sums = MetricSums()
+    confusion = ConfusionMatrix(num_labels) if num_labels and hasattr(head, "confusion") else None
+    for inputs, targets in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        inputs = to_device(inputs, device)
+        outputs = model(inputs)
+        sums.add_losses(head.loss(outputs, targets), _batch_size(inputs))
+        sums.add(head.metrics(outputs, targets))
+        if confusion is not None:
+            confusion.update(*head.confusion(outputs, targets))
+    matrix = confusion.all_reduce().matrix if confusion is not None else None
+    return sums.all_reduce().means(), matrix

@@ -1,0 +1,208 @@
+"""The built-in model shipped inside the package, its sample images, and model cards.
+
+``src/metaldefect/builtin_model/`` (written by ``benchmarks/package_builtin.py RUN``)::
+
+    weights.safetensors  weights of the trained part: the head alone for a frozen-backbone
+                         run (the backbone comes from its offline weights provider)
+    model_card.json      what the model is: backbone and its weights' checksum, head, classes,
+                         training command, data, split, metrics, and the create_model spec
+    MODEL_CARD.md        the same for people
+    config.yaml, classes.json, metrics.json   copied from the run
+
+``src/metaldefect/samples/``: a few credited NEU-DET images (see its CREDITS file) that
+``metaldefect demo`` runs the built-in model on.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from metaldefect import __version__
+from metaldefect.atomic import staged_directory, write_text
+from metaldefect.data.images import IMAGE_SUFFIXES
+from metaldefect.errors import MetalDefectError, WeightsError
+from metaldefect.models.factory import DefectModel, create_model
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+BUILTIN_DIR = PACKAGE_DIR / "builtin_model"
+SAMPLES_DIR = PACKAGE_DIR / "samples"
+WEIGHTS_FILE = "weights.safetensors"
+CARD_FILE = "model_card.json"
+CARD_MARKDOWN = "MODEL_CARD.md"
+RUN_FILES = ("config.yaml", "classes.json", "metrics.json")
+NO_BUILTIN = "no built-in model is packaged in this build; pass --model RUN (a training run directory)"
+
+
+def builtin_dir() -> Path:
+    """The packaged model's folder; MetalDefectError when this build has none."""
+    if not (BUILTIN_DIR / CARD_FILE).is_file() or not (BUILTIN_DIR / WEIGHTS_FILE).is_file():
+        raise MetalDefectError(NO_BUILTIN)
+    return BUILTIN_DIR
+
+
+def sample_images() -> list[Path]:
+    """The packaged sample images, sorted by name."""
+    return sorted(p for p in SAMPLES_DIR.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MetalDefectError(f"{path}: file not found") from None
+    except (OSError, ValueError) as error:
+        raise MetalDefectError(f"{path}: unreadable JSON ({error})") from None
+
+
+def load_builtin(folder: Path | None = None) -> tuple[DefectModel, list[str], dict, dict]:
+    """``(model in eval mode, classes, create_model spec, card)`` of the packaged model.
+
+    The backbone is rebuilt from its offline weights; their checksum must equal the one the
+    head was trained on (WeightsError otherwise: the head would sit on different features).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = builtin_dir() if folder is None else Path(folder)
+    card = read_json(folder / CARD_FILE)
+    spec, part = dict(card["model_spec"]), card["part"]
+    if part == "model":
+        spec["pretrained"] = False  # every weight comes from the packaged file
+    model = create_model(**spec)
+    expected = (card.get("backbone_weights") or {}).get("sha256")
+    if part == "head" and expected and model.backbone.weights_info.get("sha256") != expected:
+        raise WeightsError(f"{folder / CARD_FILE}: the backbone weights found here (sha256 "
+                           f"{model.backbone.weights_info.get('sha256')}) are not those the model was trained on "
+                           f"({expected}); reinstall the weights package named in the model card")
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as error:
+        raise MetalDefectError(f"{folder / WEIGHTS_FILE}: unreadable weights ({error})") from None
+    target = model.head if part == "head" else model
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as error:
+        raise MetalDefectError(f"{folder / WEIGHTS_FILE}: weights do not fit the model in the card "
+                               f"({' '.join(str(error).split())[:300]})") from None
+    return model.eval(), list(card["classes"]), spec, card
+
+
+def card_from_run(run_dir: str | Path, checkpoint: dict, command: str | None = None) -> dict:
+    """A model card for a training run: name, backbone and weights, head, data, split, metrics."""
+    run_dir = Path(run_dir)
+    spec = checkpoint["model_spec"]
+    config = _read_yaml(run_dir / "config.yaml")
+    metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    data = config.get("data", {}) if isinstance(config, dict) else {}
+    weights = dict(checkpoint.get("weights") or {})
+    weights.pop("path", None)  # a path on the training machine means nothing elsewhere
+    return {
+        "name": (config.get("name") if isinstance(config, dict) else None) or run_dir.name,
+        "task": metrics.get("task"),
+        "backbone": spec["backbone_name"],
+        "backbone_weights": weights,
+        "head": spec["head_name"],
+        "head_kwargs": spec.get("head_kwargs") or {},
+        "input_size": spec.get("input_size"),
+        "classes": list(checkpoint["classes"]),
+        "training_command": command or f"metaldefect train {run_dir / 'config.yaml'}",
+        "data": {"root": data.get("root"), "format": data.get("format")},
+        "split": {"split_dir": data.get("split_dir"), "ratios": data.get("split"), "seed": data.get("split_seed"),
+                  "images": metrics.get("images")},
+        "metrics": {"best_epoch": metrics.get("best_epoch"), "monitor": metrics.get("monitor"),
+                    "val": metrics.get("best"), "test": metrics.get("test")},
+    }
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise MetalDefectError(f"{path}: unreadable config ({error})") from None
+
+
+def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: str | None = None,
+                score_threshold: float = 0.3) -> Path:
+    """Copy a run's trained weights, config, classes and metrics into ``dest`` with a model card.
+
+    For a frozen-backbone run only the head's weights are copied; the backbone must come from
+    an offline weights provider (not a local ``weights_file``), so a fresh install can rebuild it.
+    ``dest`` is replaced as a whole, atomically.
+    """
+    from safetensors.torch import save_file
+
+    from metaldefect.engine.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MetalDefectError(f"{run_dir}: run directory not found")
+    checkpoint = load_checkpoint(run_dir / "checkpoint_best.pt")
+    spec = dict(checkpoint["model_spec"])
+    if checkpoint["part"] == "head" and spec.get("weights_file"):
+        raise MetalDefectError(f"{run_dir}: the backbone was loaded from a local file ({spec['weights_file']}); "
+                               "a built-in model needs backbone weights an install can resolve offline")
+    spec["weights_file"] = None
+    card = card_from_run(run_dir, checkpoint, command)
+    card.update({"part": checkpoint["part"], "model_spec": spec, "score_threshold": score_threshold,
+                 "packaged_with": f"metaldefect {__version__}"})
+    with staged_directory(dest) as staging:
+        state = {k: v.detach().cpu().contiguous() for k, v in checkpoint["state"].items()
+                 if isinstance(v, torch.Tensor)}
+        save_file(state, str(staging / WEIGHTS_FILE))
+        for name in RUN_FILES:
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, staging / name)
+        write_text(staging / CARD_FILE, json.dumps(card, indent=2) + "\n")
+        write_text(staging / CARD_MARKDOWN, card_markdown(card))
+    return Path(dest)
+
+
+def _metric_rows(metrics: dict | None) -> list[str]:
+    if not metrics:
+        return ["| (none recorded) | |"]
+    return [f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |"
+            for key, value in metrics.items() if not isinstance(value, (dict, list))]
+
+
+def card_markdown(card: dict) -> str:
+    """The model card as Markdown for people."""
+    weights = card.get("backbone_weights") or {}
+    split = card.get("split") or {}
+    metrics = card.get("metrics") or {}
+    lines = [
+        f"# Model card: {card['name']}", "",
+        "The built-in model of metaldefect: it finds and locates defects on metal surface images "
+        f"({', '.join(card['classes'])}).", "",
+        "## Model", "",
+        f"- Backbone: `{card['backbone']}`, weights `{weights.get('name')}` from `{weights.get('source')}` "
+        f"(tag `{weights.get('pretrained_tag')}`, sha256 `{weights.get('sha256')}`); "
+        + ("frozen, not shipped here: rebuilt from the offline provider." if card.get("part") == "head"
+           else "shipped here with the head."),
+        f"- Head: `{card['head']}` with `{json.dumps(card.get('head_kwargs') or {})}`",
+        f"- Input: {card['input_size']} x {card['input_size']} pixels; default score threshold "
+        f"{card.get('score_threshold')}",
+        "", "## Training", "",
+        f"    {card['training_command']}", "",
+        f"- Data: `{(card.get('data') or {}).get('root')}` (format `{(card.get('data') or {}).get('format')}`)",
+        f"- Split: seed {split.get('seed')}, ratios {split.get('ratios')}, split folder `{split.get('split_dir')}`; "
+        f"images: {', '.join(f'{k} {v}' for k, v in (split.get('images') or {}).items()) or 'not recorded'}",
+        f"- Best epoch: {metrics.get('best_epoch')} (by {(metrics.get('monitor') or {}).get('metric')}, "
+        f"{(metrics.get('monitor') or {}).get('mode')})",
+        "", "## Metrics", "", "Validation (best epoch):", "", "| metric | value |", "| --- | --- |",
+        *_metric_rows(metrics.get("val")),
+        "", "Test:", "", "| metric | value |", "| --- | --- |",
+        *_metric_rows(metrics.get("test")),
+        "", "## Limits", "",
+        "- Trained only on the data above (NEU-DET: 200 x 200 grayscale images of hot-rolled steel strip); "
+        "other surfaces, cameras and lighting need evaluation, and likely retraining, before use.",
+        "- Large images are tiled (see docs/inference.md); defects larger than a tile may be split.",
+        "", "## Data credit", "",
+        "NEU-DET: K. Song and Y. Yan, Northeastern University surface defect database.", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,266 @@
+"""Dense anchor-free detection head on ViT patch tokens ("dense").
+
+Neck: the patch maps of several ViT blocks are normalised, concatenated and projected
+to ``channels``; a simple feature pyramid in the style of ViTDet (Li et al., 2022) is
+built from that one stride-``s`` map: transposed convolutions up (scale 2, 4),
+identity (scale 1) and max-pooling down (scale 1/2, 1/4, ...), each level followed
+by a 1x1 and a 3x3 convolution.
+
+Predictor (FCOS, Tian et al., 2019, shared across levels): a classification tower
+giving per-location class logits (sigmoid focal loss), and a regression tower giving
+the distances ``(left, top, right, bottom)`` from the location to the box sides in
+units of the level's stride (GIoU loss) and a quality logit trained to predict the IoU
+of the location's predicted box with its target box (an IoU-aware score, used in place
+of FCOS's centerness because the nearest-point fallback for thin boxes, see
+:mod:`metaldefect.data.dense_targets`, has no meaningful centerness). A detection's
+score is ``sqrt(class probability * quality)``.
+
+Shapes: ``B`` images, ``L`` locations over all levels (finest first, row-major),
+``K`` classes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from torch import nn
+from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
+
+from metaldefect.data.dense_targets import dense_locations, encode_dense_targets
+from metaldefect.data.records import Detection
+from metaldefect.errors import ConfigError
+from metaldefect.models.heads import register_head
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """Fuse several ViT layers into one map and resample it into a pyramid.
+
+    Args:
+        layer_dims: channels of each input layer map.
+        channels: channels of every pyramid level.
+        scales: each level's size relative to the ViT map (2.0 = twice as fine), finest first.
+    """
+
+    def __init__(self, layer_dims: list[int], channels: int, scales: list[float]):
+        super().__init__()
+        if list(scales) != sorted(scales, reverse=True):
+            raise ConfigError(f"pyramid scales must go from finest to coarsest, got {scales}")
+        self.layer_norms = nn.ModuleList(LayerNorm2d(dim) for dim in layer_dims)
+        self.fuse = nn.Conv2d(sum(layer_dims), channels, kernel_size=1)
+        self.resamplers = nn.ModuleList(self._resampler(scale, channels) for scale in scales)
+        self.outputs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), LayerNorm2d(channels),
+                          nn.Conv2d(channels, channels, 3, padding=1, bias=False), LayerNorm2d(channels))
+            for _ in scales)
+
+    @staticmethod
+    def _resampler(scale: float, channels: int) -> nn.Module:
+        if scale == 4:
+            return nn.Sequential(nn.ConvTranspose2d(channels, channels, 2, stride=2), LayerNorm2d(channels),
+                                 nn.GELU(), nn.ConvTranspose2d(channels, channels, 2, stride=2))
+        if scale == 2:
+            return nn.ConvTranspose2d(channels, channels, 2, stride=2)
+        if scale == 1:
+            return nn.Identity()
+        factor = round(1 / scale)
+        if scale < 1 and math.isclose(factor * scale, 1.0) and factor & (factor - 1) == 0:
+            return nn.MaxPool2d(kernel_size=factor, stride=factor)
+        raise ConfigError(f"pyramid scale must be 4, 2, 1 or 1/2^k, got {scale}")
+
+    def forward(self, layers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``layers``: ``[B, D_l, h, w]`` each -> levels ``[B, channels, h * scale, w * scale]``."""
+        fused = self.fuse(torch.cat([norm(x.float()) for norm, x in zip(self.layer_norms, layers)], dim=1))
+        return [output(resample(fused)) for resample, output in zip(self.resamplers, self.outputs)]
+
+
+def _tower(channels: int, num_convs: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(num_convs):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(min(32, channels // 4), channels),
+                   nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+@register_head("dense")
+class DenseHead(nn.Module):
+    """FCOS-style dense detector over a ViTDet-style simple feature pyramid.
+
+    Args:
+        in_dims: ``{"pooled": D, "map": D, "layers": [D_l, ...], "stride": s}``; the head
+            reads ``features["layers"]`` (or ``features["map"]`` when no layers are given).
+        num_classes: ``K``.
+        channels: width of the neck and the towers.
+        num_convs: 3x3 convolutions in each tower.
+        scales: pyramid levels relative to the ViT map, finest first; ViTDet uses ``[4, 2, 1, 0.5]``,
+            NEU-DET's 35-200 px boxes in 200 px images need no level finer than the map.
+        size_ranges: per level ``[low, high]`` of a location's largest box-side distance, as a
+            fraction of the image side; None for FCOS's ``[4, 8)`` strides per level.
+        center_radius: positives lie within this many strides of a box centre.
+        focal_alpha, focal_gamma: sigmoid focal loss parameters.
+        loss_weights: weights of ``loss_cls``, ``loss_box`` (GIoU), ``loss_quality`` (BCE).
+        nms_iou: IoU above which ``batched_nms`` drops the lower-scored box of a class.
+        pre_nms_top_k, max_detections: candidates kept per image before and after NMS.
+    """
+
+    task = "detect"
+
+    def __init__(self, in_dims: dict, num_classes: int, channels: int = 128, num_convs: int = 2,
+                 scales: list[float] = (1.0, 0.5, 0.25), size_ranges: list[list[float]] | None = None,
+                 center_radius: float = 1.5, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 loss_weights: dict[str, float] | None = None, nms_iou: float = 0.6,
+                 pre_nms_top_k: int = 1000, max_detections: int = 100):
+        super().__init__()
+        layer_dims = list(in_dims.get("layers") or [in_dims["map"]])
+        self.num_classes = num_classes
+        self.scales = [float(s) for s in scales]
+        self.size_ranges = None if size_ranges is None else [tuple(r) for r in size_ranges]
+        if self.size_ranges is not None and len(self.size_ranges) != len(self.scales):
+            raise ConfigError(f"{len(self.size_ranges)} size ranges for {len(self.scales)} pyramid scales")
+        self.center_radius = center_radius
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.loss_weights = {"loss_cls": 1.0, "loss_box": 2.0, "loss_quality": 1.0, **(loss_weights or {})}
+        self.nms_iou, self.pre_nms_top_k, self.max_detections = nms_iou, pre_nms_top_k, max_detections
+
+        self.neck = SimpleFeaturePyramid(layer_dims, channels, self.scales)
+        self.cls_tower = _tower(channels, num_convs)
+        self.box_tower = _tower(channels, num_convs)
+        self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.box_ltrb = nn.Conv2d(channels, 4, 3, padding=1)
+        self.quality = nn.Conv2d(channels, 1, 3, padding=1)
+        self.level_scales = nn.Parameter(torch.ones(len(self.scales)))
+        self._reset_predictor()
+        self._locations: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def _reset_predictor(self) -> None:
+        for module in [*self.cls_tower, *self.box_tower, self.cls_logits, self.box_ltrb, self.quality]:
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, std=0.01)
+                nn.init.zeros_(module.bias)
+        # FCOS's prior: every location starts at probability 0.01 per class, so the many
+        # background locations do not swamp the focal loss in the first steps.
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - 0.01) / 0.01))
+
+    def _level_locations(self, level_sizes: list[tuple[int, int]], device: torch.device):
+        key = (tuple(level_sizes), str(device))
+        if key not in self._locations:
+            self._locations[key] = tuple(t.to(device) for t in dense_locations(level_sizes, self.size_ranges))
+        return self._locations[key]
+
+    def forward(self, features: dict) -> dict[str, torch.Tensor]:
+        """Per-location predictions.
+
+        Args:
+            features: ``{"layers": [[B, D_l, h, w], ...], "map": [B, D, h, w], ...}``.
+
+        Returns:
+            ``"cls_logits"`` ``[B, L, K]``; ``"box_ltrb"`` ``[B, L, 4]`` non-negative distances
+            in strides; ``"quality_logits"`` ``[B, L]``; and the locations, the same for every
+            image: ``"points"`` ``[B, L, 2]`` normalised ``(x, y)``, ``"strides"`` ``[B, L]``
+            normalised, ``"ranges"`` ``[B, L, 2]`` the levels' size ranges.
+        """
+        layers = features.get("layers") or [features["map"]]
+        levels = self.neck(list(layers))
+        cls_logits, box_ltrb, quality = [], [], []
+        for level, scale in zip(levels, self.level_scales):
+            cls_features = self.cls_tower(level)
+            box_features = self.box_tower(level)
+            cls_logits.append(self.cls_logits(cls_features).flatten(2))
+            # softplus rather than FCOS's relu: distances stay positive and never lose their gradient.
+            box_ltrb.append(F.softplus(scale * self.box_ltrb(box_features)).flatten(2))
+            quality.append(self.quality(box_features).flatten(2))
+        batch = levels[0].shape[0]
+        points, strides, ranges = self._level_locations([tuple(x.shape[-2:]) for x in levels], levels[0].device)
+        return {"cls_logits": torch.cat(cls_logits, dim=2).transpose(1, 2),
+                "box_ltrb": torch.cat(box_ltrb, dim=2).transpose(1, 2),
+                "quality_logits": torch.cat(quality, dim=2)[:, 0],
+                "points": points.expand(batch, -1, -1), "strides": strides.expand(batch, -1),
+                "ranges": ranges.expand(batch, -1, -1)}
+
+    def encode_targets(self, outputs: dict, targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets for every location: classes ``[B, L]`` (-1 background) and ltrb ``[B, L, 4]``."""
+        return encode_dense_targets(targets, outputs["points"][0], outputs["strides"][0], outputs["ranges"][0],
+                                    self.center_radius)
+
+    def loss(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Focal loss on classes, GIoU on positive boxes, BCE of quality against the IoU reached.
+
+        ``targets``: per image ``{"boxes": [N, 4] normalised xyxy, "labels": [N]}``.
+        Class and box losses are normalised by the number of positive locations in the batch.
+        """
+        classes, ltrb = self.encode_targets(outputs, targets)
+        positive = classes >= 0                                                  # [B, L]
+        num_positive = max(int(positive.sum()), 1)
+        onehot = torch.zeros_like(outputs["cls_logits"])
+        onehot[positive, classes[positive]] = 1.0
+        loss_cls = sigmoid_focal_loss(outputs["cls_logits"], onehot, alpha=self.focal_alpha,
+                                      gamma=self.focal_gamma, reduction="sum") / num_positive
+        predicted = _ltrb_to_relative_boxes(outputs["box_ltrb"][positive])       # [P, 4]
+        target = _ltrb_to_relative_boxes(ltrb[positive])                          # [P, 4]
+        if positive.any():
+            loss_box = generalized_box_iou_loss(predicted, target, reduction="sum") / num_positive
+            iou = _paired_iou(predicted.detach(), target)
+            loss_quality = F.binary_cross_entropy_with_logits(outputs["quality_logits"][positive], iou)
+        else:
+            loss_box = loss_quality = outputs["box_ltrb"].sum() * 0.0
+        parts = {"loss_cls": loss_cls, "loss_box": loss_box, "loss_quality": loss_quality}
+        return {"loss": sum(self.loss_weights[k] * v for k, v in parts.items()), **parts}
+
+    @torch.no_grad()
+    def metrics(self, outputs: dict, targets: list[dict]) -> dict[str, tuple[float, float]]:
+        """At positive locations: class accuracy (``pos_acc``) and mean IoU of the box (``pos_iou``)."""
+        classes, ltrb = self.encode_targets(outputs, targets)
+        positive = classes >= 0
+        count = float(positive.sum())
+        correct = (outputs["cls_logits"][positive].argmax(dim=1) == classes[positive]).sum()
+        iou = _paired_iou(_ltrb_to_relative_boxes(outputs["box_ltrb"][positive]),
+                          _ltrb_to_relative_boxes(ltrb[positive])).sum()
+        return {"pos_acc": (float(correct), count), "pos_iou": (float(iou), count)}
+
+    @torch.no_grad()
+    def decode(self, outputs: dict, image_sizes: list[tuple[int, int]], classes: list[str],
+               score_threshold: float = 0.0) -> list[list[Detection]]:
+        """Top-scored boxes per image after class-wise NMS, in absolute pixels of each original image.
+
+        Args:
+            outputs: :meth:`forward`'s dict for ``B`` images.
+            image_sizes: ``(width, height)`` of each original image, ``B`` entries.
+            classes: the class vocabulary, ``K`` names.
+            score_threshold: detections scored below this are dropped.
+        """
+        scores = torch.sqrt(outputs["cls_logits"].sigmoid()
+                            * outputs["quality_logits"].sigmoid()[..., None])    # [B, L, K]
+        boxes = _absolute_boxes(outputs["box_ltrb"], outputs["points"], outputs["strides"]).clamp(0.0, 1.0)
+        detections = []
+        for image_scores, image_boxes, (width, height) in zip(scores, boxes, image_sizes):
+            flat = image_scores.flatten()                                         # [L * K]
+            top = flat.topk(min(self.pre_nms_top_k, flat.numel()))
+            keep = top.values >= score_threshold
+            values, index = top.values[keep], top.indices[keep]
+            location, label = index // self.num_classes, index % self.num_classes
+            candidates = image_boxes[location] * image_boxes.new_tensor([width, height, width, height])
+            kept = batched_nms(candidates, values, label, self.nms_iou)[: self.max_detections]
+            detections.append([Detection(box=candidates[i].tolist(), label=classes[int(label[i])],
+                                         score=float(values[i])) for i in kept])
+        return detections
+
+
+def _ltrb_to_relative_boxes(ltrb: torch.Tensor) -> torch.Tensor:
+    """``[..., 4]`` distances to the sides -> ``xyxy`` boxes around a location at the origin."""
+    return torch.cat([-ltrb[..., :2], ltrb[..., 2:]], dim=-1)
+
+
+def _absolute_boxes(ltrb: torch.Tensor, points: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
+    """``[B, L, 4]`` distances in strides, ``[B, L, 2]`` points, ``[B, L]`` strides -> normalised xyxy."""
+    return points.repeat(1, 1, 2) + _ltrb_to_relative_boxes(ltrb) * strides[..., None]
+
+
+def _paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of ``a[i]`` with ``b[i]``, ``[P]``; torchvision's box_iou would build all ``P x P`` pairs."""
+    top_left = torch.maximum(a[:, :2], b[:, :2])
+    bottom_right = torch.minimum(a[:, 2:], b[:, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=1)
+    return intersection / (area_a + area_b - intersection).clamp(min=1e-12)

@@ -1,0 +1,208 @@
+"""Detector: loading runs and the built-in model, images of every kind, boxes in original pixels, bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from inference_factory import CLASSES, make_run, one_torch_thread, textured
+from PIL import Image
+
+from metaldefect.data.transforms import to_input_tensor
+from metaldefect.errors import DataError, MetalDefectError, WeightsError
+from metaldefect.inference import builtin
+from metaldefect.inference.detector import Detector
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("runs") / "tiny_dense")
+
+
+@pytest.fixture(scope="module")
+def detector(run_dir):
+    return Detector.load(run_dir, conf=0.5, tile="off")  # tiling is test_tiling's
+
+
+def as_tuples(detections):
+    return [(d.label, round(d.score, 5), [round(v, 2) for v in d.box]) for d in detections]
+
+
+def test_loads_a_run_with_its_classes_and_card(detector, run_dir):
+    assert detector.classes == CLASSES
+    assert detector.input_size == 32
+    assert detector.backend == "torch" and detector.task == "detect"
+    card = detector.card
+    assert card["name"] == "tiny_dense"
+    assert card["backbone"] == "vit_tiny_patch16_224" and card["head"] == "dense"
+    assert card["split"]["seed"] == 42 and card["split"]["images"] == {"train": 7, "val": 2, "test": 1}
+    assert card["metrics"]["test"] == {"loss": 1.6, "map50": 0.2}
+    assert card["training_command"] == f"metaldefect train {run_dir / 'config.yaml'}"
+
+
+def test_boxes_are_pixels_of_the_original_image(detector):
+    image = textured(90, 150, seed=1)  # height 90, width 150: not square, not the input size
+    detections = detector.predict(image)
+    assert detections
+    model = detector.network.model
+    with torch.no_grad():
+        outputs = model(to_input_tensor(image, 32)[None])
+    expected = model.head.decode(outputs, [(150, 90)], CLASSES, score_threshold=0.5)[0]
+    assert as_tuples(detections) == as_tuples(expected)
+    boxes = np.array([d.box for d in detections])
+    assert boxes[:, [0, 2]].max() <= 150 and boxes[:, [1, 3]].max() <= 90 and boxes.min() >= 0
+    assert boxes[:, [0, 2]].max() > 90  # x spans the whole width, not the 32 px input or the height
+    assert all(d.score >= 0.5 for d in detections)
+    assert [d.score for d in detections] == sorted((d.score for d in detections), reverse=True)
+
+
+def test_every_kind_of_image_gives_the_same_detections(detector, tmp_path):
+    image = textured(60, 80, seed=2)
+    image[0, 0], image[0, 1] = 0, 255  # full range: stretching a 16-bit or float copy gives the same pixels
+    gray = image[:, :, 0]
+    reference = as_tuples(detector.predict(image))
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    Image.fromarray(image).save(tmp_path / "rgb.bmp")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit, same picture
+    rgba = np.concatenate([image, np.full((60, 80, 1), 255, np.uint8)], axis=2)
+    for source in (gray, gray[:, :, None], rgba, Image.fromarray(image), Image.fromarray(gray),
+                   tmp_path / "gray.png", str(tmp_path / "rgb.bmp"), tmp_path / "deep.png"):
+        assert as_tuples(detector.predict(source)) == reference, type(source)
+    # A float array is stretched from its own range, like a 16-bit file.
+    stretched = gray.astype(np.float32) / 255.0 * 3.0 - 1.0
+    assert as_tuples(detector.predict(stretched)) == reference
+
+
+def test_predict_batch_matches_one_by_one_and_conf_filters(detector):
+    images = [textured(40, 70, seed=s) for s in range(3)] + [textured(100, 50, seed=9)]
+    batched = detector.predict_batch(images)
+    assert [as_tuples(d) for d in batched] == [as_tuples(detector.predict(i)) for i in images]
+    loose = detector.predict(images[0], conf=0.0)
+    strict = detector.predict(images[0], conf=0.7)
+    assert len(strict) < len(loose)
+    assert all(d.score >= 0.7 for d in strict)
+    assert detector.score_threshold() == 0.5 and detector.score_threshold(0.2) == 0.2
+
+
+def test_classifier_run_gives_one_whole_image_detection(tmp_path):
+    detector = Detector.load(make_run(tmp_path / "cls", head="classifier"), conf=0.0)
+    assert detector.task == "classify"
+    (detection,) = detector.predict(textured(70, 120))
+    assert detection.box == [0.0, 0.0, 120.0, 70.0]
+    assert detection.label in CLASSES and 1 / 3 <= detection.score <= 1.0
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4, 2), np.uint8), np.zeros((0, 5), np.uint8), np.zeros(5), "x"])
+def test_bad_image_inputs_raise_data_error(detector, bad, tmp_path):
+    if isinstance(bad, str):
+        bad = tmp_path / "notes.png"
+        bad.write_text("not an image")
+    with pytest.raises(DataError):
+        detector.predict(bad)
+    with pytest.raises(DataError, match="image file not found"):
+        detector.predict(tmp_path / "missing.png")
+    with pytest.raises(DataError, match="list"):
+        detector.predict([1, 2, 3])
+
+
+def test_bad_sources_raise_one_clear_error(tmp_path, run_dir):
+    with pytest.raises(MetalDefectError, match="no such run directory"):
+        Detector.load(tmp_path / "missing_run")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(MetalDefectError, match="no checkpoint_best.pt"):
+        Detector.load(tmp_path / "empty_run")
+    corrupt = tmp_path / "corrupt_run"
+    corrupt.mkdir()
+    (corrupt / "checkpoint_best.pt").write_bytes(b"\x80\x04 this is not a checkpoint")
+    with pytest.raises(MetalDefectError, match="cannot read checkpoint"):
+        Detector.load(corrupt)
+    foreign = tmp_path / "foreign_run"
+    foreign.mkdir()
+    torch.save({"epoch": 3}, foreign / "checkpoint_best.pt")
+    with pytest.raises(MetalDefectError, match="not a metaldefect checkpoint"):
+        Detector.load(foreign)
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(MetalDefectError, match="not a model"):
+        Detector.load(tmp_path / "weights.txt")
+    with pytest.raises(MetalDefectError, match="backend 'tensorrt'"):
+        Detector.load(run_dir, backend="tensorrt")
+    with pytest.raises(MetalDefectError, match="onnx backend"):
+        Detector.load(tmp_path / "model.onnx", backend="torch")
+    with pytest.raises(MetalDefectError, match="tile 'huge'"):
+        Detector.load(run_dir, tile="huge")
+    with pytest.raises(MetalDefectError, match="threads 0"):
+        Detector.load(run_dir, threads=0)
+    with pytest.raises(MetalDefectError, match="score threshold"):
+        Detector.load(run_dir).predict(textured(20, 20), conf=1.5)
+
+
+def test_builtin_absent_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(builtin, "BUILTIN_DIR", tmp_path / "builtin_model")
+    with pytest.raises(MetalDefectError, match="no built-in model is packaged in this build; pass --model RUN"):
+        Detector.load("builtin")
+
+
+def test_packaged_run_becomes_the_builtin_model(tmp_path, monkeypatch, run_dir, detector):
+    folder = builtin.package_run(run_dir, tmp_path / "builtin_model", command="metaldefect train configs/x.yaml",
+                                 score_threshold=0.55)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "MODEL_CARD.md", "classes.json", "config.yaml", "metrics.json", "model_card.json", "weights.safetensors"]
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["training_command"] == "metaldefect train configs/x.yaml"
+    assert card["metrics"]["val"] == {"loss": 1.5, "map50": 0.25} and card["classes"] == CLASSES
+    assert card["part"] == "model" and card["model_spec"]["head_name"] == "dense"
+    markdown = (folder / "MODEL_CARD.md").read_text()
+    assert "metaldefect train configs/x.yaml" in markdown and "| map50 | 0.2000 |" in markdown
+    assert "K. Song and Y. Yan" in markdown
+
+    monkeypatch.setattr(builtin, "BUILTIN_DIR", folder)
+    packaged = Detector.load("builtin")
+    assert packaged.card["name"] == "tiny_dense" and packaged.score_threshold() == 0.55
+    image = textured(64, 48, seed=5)
+    assert as_tuples(packaged.predict(image, conf=0.5)) == as_tuples(detector.predict(image))
+
+
+def test_builtin_head_refuses_a_different_backbone(tmp_path):
+    # A head-only package whose recorded backbone checksum differs from the backbone rebuilt here.
+    run = make_run(tmp_path / "head_only", part="head")
+    folder = builtin.package_run(run, tmp_path / "builtin_model")
+    card = json.loads((folder / "model_card.json").read_text())
+    card["backbone_weights"]["sha256"] = "0" * 64
+    (folder / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="not those the model was trained on"):
+        builtin.load_builtin(folder)
+
+
+def test_samples_are_packaged_with_credits():
+    samples = builtin.sample_images()
+    assert 4 <= len(samples) <= 6
+    assert len({s.stem.rsplit("_", 1)[0] for s in samples}) == len(samples)  # one per class
+    assert all(s.stat().st_size < 30_000 for s in samples)
+    credits = (builtin.SAMPLES_DIR / "CREDITS").read_text()
+    assert "K. Song and Y. Yan, Northeastern University surface defect database" in credits
+    assert all(s.name in credits for s in samples)
+
+
+def test_samples_are_held_out_of_the_seed_42_training_split(neu_root, tmp_path):
+    from metaldefect.cli import main
+
+    assert main(["data", "split", str(neu_root), "--out", str(tmp_path / "split")]) == 0
+    train = set((tmp_path / "split" / "train.txt").read_text().split())
+    held_out = set((tmp_path / "split" / "test.txt").read_text().split())
+    for sample in builtin.sample_images():
+        assert f"IMAGES/{sample.name}" in held_out and f"IMAGES/{sample.name}" not in train
+
+
+def test_importing_metaldefect_stays_cheap_and_detector_is_lazy():
+    code = ("import sys, metaldefect; cheap = 'torch' not in sys.modules; "
+            "from metaldefect import Detector; print(cheap, Detector.__name__, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True", "Detector", "True"]
