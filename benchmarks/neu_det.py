@@ -26,6 +26,7 @@ Results: ``OUT/results.json`` and a markdown table on stdout (copied into docs/b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -193,11 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     if not args.skip_dense:
         results.append(run_dense(cfg, out, data))
-    try:
-        import ultralytics  # noqa: F401  (benchmark-only)
-        have_yolo = True
-    except ImportError:
-        have_yolo = False
+    have_yolo = importlib.util.find_spec("ultralytics") is not None  # benchmark-only, never a dependency
+    if not have_yolo:
         print("ultralytics is not installed: YOLO11n skipped (pip install ultralytics to compare)")
     if have_yolo and not args.no_yolo:
         minutes = args.yolo_minutes or (results[0]["training"]["wall_minutes"] if results else None)

@@ -53,7 +53,7 @@ class ModelConfig:
 class TrainConfig:
     frozen: bool = True  # frozen backbone + cached features; false = train through the backbone
     trainable_layers: int | None = None  # end to end only: last N parameterised backbone layers train; null = all
-    cache_dir: str | None = None  # feature cache; null = $METALDEFECT_CACHE/features (default ~/.cache/metaldefect/features)
+    cache_dir: str | None = None  # feature cache; null = $METALDEFECT_CACHE/features or ~/.cache/metaldefect/features
     epochs: int = 30
     batch_size: int = 32
     optimizer: str = "adamw"

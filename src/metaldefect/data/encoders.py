@@ -66,7 +66,8 @@ def encode_first_object(targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor
     return labels, boxes, labels >= 0
 
 
-def encode_slots(targets: list[dict], num_slots: int, no_defect: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_slots(targets: list[dict], num_slots: int,
+                 no_defect: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """K padded slots in the paper's order: objects first, then padding.
 
     Returns ``labels [B, K]`` long (padding = ``no_defect``, the extra class),

@@ -16,7 +16,8 @@ VIEWS = ("none", "hflip", "vflip")
 
 def to_input_tensor(image: np.ndarray, size: int) -> torch.Tensor:
     """``[H, W, 3]`` uint8 image -> ``[3, size, size]`` float in [0, 1] (antialiased bilinear resize)."""
-    tensor = torch.tensor(image, dtype=torch.uint8).permute(2, 0, 1).float().div_(255.0)  # copies: PIL arrays are read-only
+    # torch.tensor copies: arrays from PIL are read-only.
+    tensor = torch.tensor(image, dtype=torch.uint8).permute(2, 0, 1).float().div_(255.0)
     if tensor.shape[1:] != (size, size):
         tensor = F.interpolate(tensor[None], size=(size, size), mode="bilinear", antialias=True,
                                align_corners=False)[0].clamp_(0.0, 1.0)

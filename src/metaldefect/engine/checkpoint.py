@@ -67,7 +67,8 @@ def model_from_checkpoint(checkpoint: dict, device: str | torch.device = "cpu") 
     return model.to(device).eval()
 
 
-def load_run(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu") -> tuple[DefectModel, list[str], dict]:
+def load_run(run_dir: str | Path, which: str = "best",
+             device: str | torch.device = "cpu") -> tuple[DefectModel, list[str], dict]:
     """``(model, classes, checkpoint)`` of a training run directory; ``which`` is "best" or "last"."""
     if which not in ("best", "last"):
         raise MetalDefectError(f"checkpoint {which!r}: expected 'best' or 'last'")

@@ -14,7 +14,7 @@ from metaldefect.atomic import atomic_path  # noqa: E402
 
 # Panels in the paper's order (accuracy & loss, then MSE & MAE), then the slot head's extra ones.
 CURVES = (
-    ("accuracy", "Accuracy"),
+    ("accuracy", "Accuracy (slot heads: over real defects)"),
     ("loss", "Loss"),
     ("mse", "MSE (normalised boxes)"),
     ("mae", "MAE (normalised boxes)"),

@@ -66,13 +66,14 @@ def build_model(cfg: Config, data: RunData) -> tuple[DefectModel, dict]:
                 input_size=cfg.model.input_size, layers=cfg.model.layers, head_kwargs=head_kwargs)
     try:
         model = create_model(**spec)
-    except (TypeError, ValueError) as error:
+    except ValueError as error:  # a head's own check of its options
         raise ConfigError(f"model.head_kwargs: {error}") from None
     return model, spec
 
 
 def build_loaders(cfg: Config, data: RunData, model: DefectModel, dist: distributed.DistInfo,
-                  say=lambda text: print(text, file=sys.stderr)) -> tuple[dict[str, DataLoader], DistributedSampler, int]:
+                  say=lambda text: print(text, file=sys.stderr)
+                  ) -> tuple[dict[str, DataLoader], DistributedSampler, int]:
     """Loaders per split, the train sampler, and how many image views had to go through the backbone.
 
     Frozen: features from the cache (rank 0 extracts what is missing first); else images.

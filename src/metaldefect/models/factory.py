@@ -14,7 +14,8 @@ class DefectModel(nn.Module):
     ``forward(images [B, 1 or 3, S, S] in [0, 1]) -> head outputs``;
     ``forward_head(features) -> head outputs`` for features from the cache.
     ``in_dims`` describes the backbone's features as heads need them:
-    ``{"pooled": D, "map": D, "map_size": (h, w), "layers": [D_l, ...], "layer_sizes": [(h_l, w_l), ...], "stride": s}``.
+    ``{"pooled": D, "map": D, "map_size": (h, w), "layers": [D_l, ...],
+    "layer_sizes": [(h_l, w_l), ...], "stride": s}``.
     """
 
     def __init__(self, backbone: Backbone, head: nn.Module, in_dims: dict):
