@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = builtin.package_run(args.run, args.dest or builtin.BUILTIN_DIR, args.command, args.conf)
         builtin.BUILTIN_DIR = folder
         packaged = Detector.load("builtin", tile="off")
-        original = Detector.load(args.run, tile="off")
+        original = Detector.load(args.run, tile="off", conf=args.conf)  # same threshold as the packaged card
         samples = builtin.sample_images()
         for sample, got, expected in zip(samples, packaged.predict_batch(samples), original.predict_batch(samples)):
             if [(d.label, round(d.score, 4)) for d in got] != [(d.label, round(d.score, 4)) for d in expected]:
