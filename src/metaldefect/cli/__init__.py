@@ -15,20 +15,27 @@ from metaldefect.errors import MetalDefectError
 COMMAND_MODULES = ["data", "train", "evaluate", "predict", "export", "demo", "serve", "weights", "features"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for ``argv``: only the named command's module is imported.
+
+    Some command modules pull in torch and timm (seconds to import); `metaldefect data stats`
+    should not pay for them. Without a known command (``--help``, a typo) every module is
+    registered, so the listing and argparse's error name them all.
+    """
     parser = argparse.ArgumentParser(
         prog="metaldefect",
         description="Find defects on metal surface images: dataset tools, training, evaluation, inference.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    for name in [chosen] if chosen in COMMAND_MODULES else COMMAND_MODULES:
         importlib.import_module(f"metaldefect.cli.{name}").register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except MetalDefectError as error:
