@@ -14,6 +14,18 @@ def data_root() -> Path:
     return Path(os.environ.get("METALDEFECT_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests run tiny models: on one thread they are far faster than on two busy cores,
+    where OpenMP's spinning threads can make a call hundreds of times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def neu_root() -> Path:
     root = data_root() / "NEU-DET"

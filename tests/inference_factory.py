@@ -56,15 +56,3 @@ def textured(height: int, width: int, seed: int = 0) -> np.ndarray:
     small = rng.integers(0, 256, size=(max(2, height // 8), max(2, width // 8)), dtype=np.uint8)
     gray = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR))
     return np.repeat(gray[:, :, None], 3, axis=2)
-
-
-def one_torch_thread():
-    """Generator for an autouse fixture: run tiny models on one thread, then restore.
-
-    Tiny models gain nothing from threads, and on a busy machine OpenMP's spinning threads
-    make each call hundreds of times slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

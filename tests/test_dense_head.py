@@ -108,16 +108,7 @@ def test_registered_head_outputs_have_the_documented_shapes():
     assert torch.allclose(outputs["strides"][0, [0, 256, 320, 336]], torch.tensor([1 / 16, 1 / 8, 1 / 4, 1 / 2]))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread avoids the synchronisation cost that dominates on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_loss_decreases_and_the_boxes_are_found_on_a_tiny_overfit_case(one_thread):
+def test_loss_decreases_and_the_boxes_are_found_on_a_tiny_overfit_case():
     torch.manual_seed(0)
     head = DenseHead(IN_DIMS, num_classes=4, channels=32, num_convs=1, scales=[1, 0.5])
     features = {"layers": [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)]}

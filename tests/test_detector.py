@@ -8,18 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from inference_factory import CLASSES, make_run, one_torch_thread, textured
+from inference_factory import CLASSES, make_run, textured
 from PIL import Image
 
 from metaldefect.data.transforms import to_input_tensor
 from metaldefect.errors import DataError, MetalDefectError, WeightsError
 from metaldefect.inference import builtin
 from metaldefect.inference.detector import Detector
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,6 @@ from metaldefect.models.heads import create_head
 IN_DIMS = {"pooled": 6, "map": 6, "map_size": (1, 1), "layers": [], "stride": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train far faster on one thread than on two contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def toy_features(count: int, seed: int = 0):
     """Features that say the class (one-hot, plus noise) and a box that depends on the class."""
     generator = torch.Generator().manual_seed(seed)

@@ -14,15 +14,6 @@ from metaldefect.errors import ConfigError, DataError
 from metaldefect.models.heads import create_head, list_heads
 from metaldefect.models.matcher import HungarianMatcher
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train far faster on one thread than on two contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 IN_DIMS = {"pooled": 8, "map": 8, "map_size": (4, 4), "layers": [8], "stride": 16}
 
 

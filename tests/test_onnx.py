@@ -7,17 +7,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from inference_factory import CLASSES, make_run, one_torch_thread, textured
+from inference_factory import CLASSES, make_run, textured
 
 from metaldefect.cli import main
 from metaldefect.errors import MetalDefectError
 from metaldefect.inference.detector import Detector
 from metaldefect.inference.onnx_runtime import load_onnx
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from inference_factory import CLASSES, make_run, one_torch_thread, textured
+from inference_factory import CLASSES, make_run, textured
 from PIL import Image
 
 from metaldefect.cli import main
 from metaldefect.inference import builtin
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

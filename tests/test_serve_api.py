@@ -253,14 +253,8 @@ def test_openapi_docs_are_served_without_a_cdn(client):
 # --- with a real (tiny, untrained) model from a run directory
 
 
-@pytest.fixture
-def one_thread():
-    from inference_factory import one_torch_thread
 
-    yield from one_torch_thread()
-
-
-def test_detect_with_a_real_run(tmp_path, one_thread):
+def test_detect_with_a_real_run(tmp_path):
     from inference_factory import CLASSES as RUN_CLASSES
     from inference_factory import make_run, textured
 

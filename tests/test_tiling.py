@@ -3,18 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from inference_factory import make_run, one_torch_thread, textured
+from inference_factory import make_run, textured
 from scipy import ndimage
 
 from metaldefect.data.records import Detection
 from metaldefect.errors import ConfigError
 from metaldefect.inference.detector import Detector
 from metaldefect.inference.tiling import make_tiles, merge_tile_detections, parse_tile, predict_tiled, tile_side
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
 
 
 def test_parse_tile_accepts_auto_off_and_sizes():

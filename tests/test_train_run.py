@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import REPO_ROOT
@@ -25,15 +24,6 @@ from synthetic_defects import CLASSES, make_dataset, write_config
 
 RUN_FILES = {"config.yaml", "classes.json", "split", "history.csv", "curves.png", "confusion.png", "metrics.json",
              "checkpoint_best.pt", "checkpoint_last.pt"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train far faster on one thread than on two contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
