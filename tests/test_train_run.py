@@ -119,6 +119,20 @@ def test_end_to_end_training_updates_only_the_trainable_layers(tmp_path, data, c
     assert len(checkpoint["optimizer"]["param_groups"][0]["params"]) == 4
 
 
+def test_frozen_flips_are_cached_for_training_images_only(tmp_path, data):
+    cache = tmp_path / "cache"
+    config = write_config(tmp_path / "flips.yaml", data, cache, "classifier",
+                          train={"epochs": 1, "augment": ["hflip", "vflip"]})
+    assert train(config, tmp_path / "runs") == 0
+    counts = {}
+    for meta in cache.glob("*/meta.json"):
+        entry = json.loads(meta.read_text())
+        counts[entry["view"]] = entry["count"]
+    images = {name: len((tmp_path / "runs" / "flips" / "split" / f"{name}.txt").read_text().split())
+              for name in ("train", "val")}
+    assert counts == {"none": images["train"] + images["val"], "hflip": images["train"], "vflip": images["train"]}
+
+
 def test_early_stopping_ends_a_run_that_stopped_improving(tmp_path, data, cache):
     config = write_config(tmp_path / "stop.yaml", data, cache, "classifier",
                           train={"epochs": 10, "lr": 1e-12, "early_stopping": 2, "monitor": "accuracy",

@@ -82,20 +82,23 @@ def build_loaders(cfg: Config, data: RunData, model: DefectModel, dist: distribu
     flips = tuple(cfg.train.augment)
     if cfg.train.frozen:
         cache_dir = resolve_path(cfg.train.cache_dir) or user_cache_dir() / "features"
-        views = ("none", *flips)
         # One canonical image order (sorted paths of every split), so that every config and
-        # split over the same dataset shares one cache entry.
-        paths = sorted({str(r.path) for name in SPLITS for r in data.records[name]})
-        feature_set = None
+        # split over the same dataset shares one "none" entry. Flipped views are only ever
+        # read for training images, so only those go through the backbone again.
+        wanted = {"none": sorted({str(r.path) for name in SPLITS for r in data.records[name]}),
+                  **({"flips": sorted(str(r.path) for r in data.records["train"])} if flips else {})}
+        feature_sets = {}
         for turn in ("first", "rest"):  # rank 0 fills the cache; the others then read it
             if (turn == "first") == dist.is_main:
-                say(f"features: {model.backbone.name} at {cfg.model.input_size}px, views {views}, cache {cache_dir}")
-                feature_set = extract_features(model.backbone, paths, cache_dir, batch_size=cfg.train.batch_size,
-                                               views=views, progress=cfg.train.progress and dist.is_main)
+                say(f"features: {model.backbone.name} at {cfg.model.input_size}px, views {('none', *flips)} "
+                    f"(flips of train images only), cache {cache_dir}")
+                for part, paths in wanted.items():
+                    feature_sets[part] = extract_features(
+                        model.backbone, paths, cache_dir, batch_size=cfg.train.batch_size,
+                        views=("none",) if part == "none" else flips, progress=cfg.train.progress and dist.is_main)
             distributed.barrier()
-        rows = feature_set.index
-        computed = sum(feature_set.computed.values())
-        datasets = {name: FeatureDataset(_source(feature_set, [rows[str(r.path)] for r in data.records[name]]),
+        computed = sum(sum(feature_set.computed.values()) for feature_set in feature_sets.values())
+        datasets = {name: FeatureDataset(_source(feature_sets, [str(r.path) for r in data.records[name]]),
                                          data.targets[name], flips if name == "train" else ())
                     for name in SPLITS}
     else:
@@ -114,10 +117,14 @@ def build_loaders(cfg: Config, data: RunData, model: DefectModel, dist: distribu
     return loaders, train_sampler, computed
 
 
-def _source(feature_set, rows: list[int]):
-    """``source(index, view)`` for a FeatureDataset: item ``index`` of a split is row ``rows[index]`` of the cache."""
+def _source(feature_sets: dict, paths: list[str]):
+    """``source(index, view)`` for a FeatureDataset: image ``paths[index]`` of a split, read from the
+    cache's "none" set or, for a flipped view, from its "flips" set (train images only)."""
+    rows = {part: feature_set.index for part, feature_set in feature_sets.items()}
+
     def source(index: int, view: str) -> dict:
-        return feature_set.get(rows[index], view)
+        part = "none" if view == "none" else "flips"
+        return feature_sets[part].get(rows[part][paths[index]], view)
     return source
 
 
