@@ -9,12 +9,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from metaldefect.data.dataset import FeatureDataset, collate
+from metaldefect.data.records import Detection
 from metaldefect.engine import distributed
 from metaldefect.engine.checkpoint import (capture_rng, load_checkpoint, load_run, model_from_checkpoint,
                                            restore_rng, save_checkpoint)
 from metaldefect.engine.engine import evaluate, train_one_epoch
 from metaldefect.engine.metrics import ConfusionMatrix, MetricSums, improved
 from metaldefect.engine.plots import plot_confusion, plot_curves
+from metaldefect.engine.val_map import DetectionCollector
 from metaldefect.errors import MetalDefectError
 from metaldefect.models.factory import create_model
 from metaldefect.models.heads import create_head
@@ -165,3 +167,30 @@ def test_single_process_is_world_size_one(monkeypatch):
     assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
     assert distributed.all_reduce_sums({"a": (1.0, 2.0)}) == {"a": (1.0, 2.0)}
     assert distributed.broadcast_object(5) == 5
+
+
+class _EchoHead:
+    """A head whose decode returns given pixel boxes for the images of a batch, in order."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+
+    def decode(self, outputs, image_sizes, classes, score_threshold=0.0):
+        out = []
+        for _ in image_sizes:
+            boxes, label = self.answers.pop(0)
+            out.append([Detection(box=box, label=classes[label], score=0.9) for box in boxes])
+        return out
+
+
+def test_the_epoch_map_is_computed_in_pixels_of_each_image():
+    # Two images of different sizes; normalised targets, predictions in pixels.
+    targets = [{"boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5]]), "labels": torch.tensor([0]), "size": (200, 100)},
+               {"boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]]), "labels": torch.tensor([1]), "size": (50, 50)}]
+    perfect = DetectionCollector(_EchoHead([([[20, 10, 100, 50]], 0), ([[0, 0, 50, 50]], 1)]), num_classes=2)
+    perfect.add({}, targets)
+    assert perfect.result() == pytest.approx({"map50": 1.0, "map": 1.0})
+    # The second image's box shifted by half its width: IoU 1/3, so class 1 has AP 0 and the mean halves.
+    shifted = DetectionCollector(_EchoHead([([[20, 10, 100, 50]], 0), ([[25, 0, 75, 50]], 1)]), num_classes=2)
+    shifted.add({}, targets)
+    assert shifted.result() == pytest.approx({"map50": 0.5, "map": 0.5})

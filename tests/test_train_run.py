@@ -97,11 +97,13 @@ def test_detecting_heads_log_the_paper_metrics(tmp_path, data, cache, head, kwar
     assert train(config, tmp_path / "runs") == 0
     run = tmp_path / "runs" / head
     row = history(run)[-1]
-    expected = {"val_accuracy", "val_cce", "val_mse", "val_mae", "val_iou", "train_mse", "train_mae"}
+    expected = {"val_accuracy", "val_cce", "val_mse", "val_mae", "val_iou", "train_mse", "train_mae",
+                "val_map50", "val_map"}
     if head == "slots":
         expected |= {"val_slot_acc_all", "val_slot_acc_real", "val_mse_all", "val_mae_all"}
     assert expected <= set(row)
     metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= float(row["val_map"]) <= float(row["val_map50"]) <= 1.0
     if head == "slots":
         assert metrics["num_slots"] == 3  # the most objects in one synthetic image
         assert metrics["confusion_labels"][-1] == "no defect"

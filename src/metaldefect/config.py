@@ -62,7 +62,7 @@ class TrainConfig:
     momentum: float = 0.9  # SGD only
     schedule: str = "none"
     augment: list[str] = field(default_factory=lambda: ["hflip", "vflip"])
-    monitor: str = "loss"  # validation metric that picks checkpoint_best.pt and drives early stopping
+    monitor: str = "loss"  # val metric that picks checkpoint_best.pt and drives early stopping (map50 / map: detecting heads)
     monitor_mode: str = "min"
     early_stopping: int = 0  # patience in epochs without improvement of `monitor`; 0 = off
     grad_clip: float = 0.0  # max gradient norm; 0 = off

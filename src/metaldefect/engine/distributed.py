@@ -87,3 +87,12 @@ def broadcast_object(value, src: int = 0):
     holder = [value]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def all_gather_list(items: list) -> list:
+    """Concatenate every process's ``items`` in rank order (the list itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return items
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]

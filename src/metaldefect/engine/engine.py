@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from metaldefect.engine.metrics import ConfusionMatrix, MetricSums
+from metaldefect.engine.val_map import DetectionCollector
 from metaldefect.errors import MetalDefectError
 
 
@@ -81,13 +82,15 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_labels: int | N
     """Mean losses and metrics over ``loader`` (all processes), and the confusion matrix.
 
     ``num_labels`` sizes the confusion matrix (classes + 1 for "no defect"); it is None
-    when not wanted or when the head has no ``confusion`` method.
+    when not wanted or when the head has no ``confusion`` method. Detecting heads also get
+    COCO ``map50`` and ``map`` over the whole loader (see :mod:`metaldefect.engine.val_map`).
     """
     model = unwrap(model)  # no DDP collectives in evaluation: shards may differ in length
     model.eval()
     head = head_of(model)
     sums = MetricSums()
     confusion = ConfusionMatrix(num_labels) if num_labels and hasattr(head, "confusion") else None
+    detections = DetectionCollector(head, head.num_classes) if head.task == "detect" else None
     for inputs, targets in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         inputs = to_device(inputs, device)
         outputs = model(inputs)
@@ -95,5 +98,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_labels: int | N
         sums.add(head.metrics(outputs, targets))
         if confusion is not None:
             confusion.update(*head.confusion(outputs, targets))
+        if detections is not None:
+            detections.add(outputs, targets)
     matrix = confusion.all_reduce().matrix if confusion is not None else None
-    return sums.all_reduce().means(), matrix
+    means = sums.all_reduce().means()
+    if detections is not None:
+        means.update(detections.result())
+    return means, matrix
