@@ -2,16 +2,19 @@
 
     python benchmarks/package_builtin.py runs/NAME --command "metaldefect train configs/neu_det_dense.yaml"
 
-Copies the run's best weights (only the head for a frozen-backbone run: the backbone comes
-from its offline weights provider at load time), config.yaml, classes.json and metrics.json
-into src/metaldefect/builtin_model/, with model_card.json and MODEL_CARD.md stating the
-training command, data, split and metrics. Then checks that the packaged model loads and
-gives the run's own detections on the sample images. Commit the folder afterwards.
+Scores the run's best weights on its own val and test splits (COCO mAP and precision /
+recall at ``--conf``, as ``metaldefect evaluate``), then copies them (only the head for a
+frozen-backbone run: the backbone comes from its offline weights provider at load time),
+config.yaml, classes.json and metrics.json into src/metaldefect/builtin_model/, with
+model_card.json and MODEL_CARD.md stating the training command, data, split and metrics.
+Then checks that the packaged model loads and gives the run's own detections on the sample
+images. Commit the folder afterwards.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from metaldefect.errors import MetalDefectError
 
@@ -27,9 +30,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from metaldefect.inference import builtin
     from metaldefect.inference.detector import Detector
+    from metaldefect.inference.evaluation import evaluate_run, split_records
 
     try:
-        folder = builtin.package_run(args.run, args.dest or builtin.BUILTIN_DIR, args.command, args.conf)
+        detection = {}
+        for split in ("val", "test"):
+            records = split_records(Path(args.run), split) if (Path(args.run) / "split" / f"{split}.txt").is_file() else []
+            if records:
+                report = evaluate_run(args.run, records, conf=args.conf)
+                print(f"{split}: {report.summary()}")
+                detection[split] = report.to_dict()
+        folder = builtin.package_run(args.run, args.dest or builtin.BUILTIN_DIR, args.command, args.conf, detection)
         builtin.BUILTIN_DIR = folder
         packaged = Detector.load("builtin", tile="off")
         original = Detector.load(args.run, tile="off", conf=args.conf)  # same threshold as the packaged card

@@ -25,7 +25,8 @@ CARD = {"name": "fake-model", "task": "detect", "backbone": "vit_small_patch14_d
         "head": "dense", "training_command": "metaldefect train configs/neu_det_dense.yaml",
         "data": {"root": "/data/NEU-DET", "format": "voc"},
         "split": {"seed": 42, "ratios": [0.7, 0.2, 0.1], "images": {"train": 1008}},
-        "metrics": {"best_epoch": 3, "val": {"map50": 0.71}, "test": {"map50": 0.69}}}
+        "metrics": {"best_epoch": 3, "val": {"map50": 0.71}, "test": {"map50": 0.69}},
+        "detection_metrics": {"val": {"num_images": 288, "map50": 0.71, "map": 0.35}}}
 
 
 class FakeDetector:

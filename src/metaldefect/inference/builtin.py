@@ -128,12 +128,13 @@ def _read_yaml(path: Path) -> dict:
 
 
 def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: str | None = None,
-                score_threshold: float = 0.3) -> Path:
+                score_threshold: float = 0.3, detection_metrics: dict | None = None) -> Path:
     """Copy a run's trained weights, config, classes and metrics into ``dest`` with a model card.
 
     For a frozen-backbone run only the head's weights are copied; the backbone must come from
     an offline weights provider (not a local ``weights_file``), so a fresh install can rebuild it.
-    ``dest`` is replaced as a whole, atomically.
+    ``detection_metrics``: per split, a ``DetectionReport.to_dict()`` of the run's weights
+    (shown in the card). ``dest`` is replaced as a whole, atomically.
     """
     from safetensors.torch import save_file
 
@@ -151,6 +152,8 @@ def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: st
     card = card_from_run(run_dir, checkpoint, command)
     card.update({"part": checkpoint["part"], "model_spec": spec, "score_threshold": score_threshold,
                  "packaged_with": f"metaldefect {__version__}"})
+    if detection_metrics:
+        card["detection_metrics"] = {split: _detection_summary(report) for split, report in detection_metrics.items()}
     with staged_directory(dest) as staging:
         state = {k: v.detach().cpu().contiguous() for k, v in checkpoint["state"].items()
                  if isinstance(v, torch.Tensor)}
@@ -161,6 +164,25 @@ def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: st
         write_text(staging / CARD_FILE, json.dumps(card, indent=2) + "\n")
         write_text(staging / CARD_MARKDOWN, card_markdown(card))
     return Path(dest)
+
+
+def _detection_summary(report: dict) -> dict:
+    """The card's part of a ``DetectionReport.to_dict()``: mAP, per-class AP@0.5, P and R at the threshold."""
+    keep = ("num_images", "map50", "map", "score_threshold", "precision", "recall")
+    return {**{key: report.get(key) for key in keep},
+            "ap50": {name: values["ap50"] for name, values in report.get("per_class", {}).items()}}
+
+
+def _detection_rows(detection: dict) -> list[str]:
+    def fmt(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+    rows = ["| split | images | mAP@0.5 | mAP@0.5:0.95 | precision / recall at the threshold | AP@0.5 per class |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for split, report in detection.items():
+        per_class = ", ".join(f"{name} {fmt(ap)}" for name, ap in report["ap50"].items())
+        rows.append(f"| {split} | {report['num_images']} | {fmt(report['map50'])} | {fmt(report['map'])} | "
+                    f"{fmt(report['precision'])} / {fmt(report['recall'])} at {report['score_threshold']} | {per_class} |")
+    return rows
 
 
 def _metric_rows(metrics: dict | None) -> list[str]:
@@ -198,6 +220,8 @@ def card_markdown(card: dict) -> str:
         *_metric_rows(metrics.get("val")),
         "", "Test:", "", "| metric | value |", "| --- | --- |",
         *_metric_rows(metrics.get("test")),
+        *(["", "## Detection metrics (COCO, pycocotools, `metaldefect evaluate`)", "",
+           *_detection_rows(card["detection_metrics"])] if card.get("detection_metrics") else []),
         "", "## Limits", "",
         "- Trained only on the data above (NEU-DET: 200 x 200 grayscale images of hot-rolled steel strip); "
         "other surfaces, cameras and lighting need evaluation, and likely retraining, before use.",

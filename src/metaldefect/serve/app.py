@@ -74,6 +74,8 @@ class ModelResponse(BaseModel):
     data: dict | None = Field(description="training data: root, format")
     split: dict | None = Field(description="split seed, ratios, images per split")
     metrics: dict | None = Field(description="best epoch, validation and test metrics of the run")
+    detection_metrics: dict | None = Field(
+        default=None, description="COCO mAP, per-class AP@0.5, precision and recall per split (packaged models)")
 
 
 ERRORS = {
@@ -108,6 +110,7 @@ def model_info(detector) -> dict:
         "data": card.get("data"),
         "split": card.get("split"),
         "metrics": card.get("metrics"),
+        "detection_metrics": card.get("detection_metrics"),
     }
 
 
