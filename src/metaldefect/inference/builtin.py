@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from metaldefect import __version__
-from metaldefect.atomic import staged_directory, write_text
+from metaldefect.atomic import staged_directory, write_bytes, write_text
 from metaldefect.data.images import IMAGE_SUFFIXES
 from metaldefect.errors import MetalDefectError, WeightsError
 from metaldefect.models.factory import DefectModel, create_model
@@ -136,7 +136,7 @@ def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: st
     ``detection_metrics``: per split, a ``DetectionReport.to_dict()`` of the run's weights
     (shown in the card). ``dest`` is replaced as a whole, atomically.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from metaldefect.engine.checkpoint import load_checkpoint
 
@@ -157,7 +157,7 @@ def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: st
     with staged_directory(dest) as staging:
         state = {k: v.detach().cpu().contiguous() for k, v in checkpoint["state"].items()
                  if isinstance(v, torch.Tensor)}
-        save_file(state, str(staging / WEIGHTS_FILE))
+        write_bytes(staging / WEIGHTS_FILE, save(state))  # safetensors' save_file leaves the file 0600
         for name in RUN_FILES:
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, staging / name)
