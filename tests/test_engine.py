@@ -172,6 +172,8 @@ def test_single_process_is_world_size_one(monkeypatch):
 class _EchoHead:
     """A head whose decode returns given pixel boxes for the images of a batch, in order."""
 
+    num_classes = 2
+
     def __init__(self, answers):
         self.answers = list(answers)
 
@@ -187,10 +189,10 @@ def test_the_epoch_map_is_computed_in_pixels_of_each_image():
     # Two images of different sizes; normalised targets, predictions in pixels.
     targets = [{"boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5]]), "labels": torch.tensor([0]), "size": (200, 100)},
                {"boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]]), "labels": torch.tensor([1]), "size": (50, 50)}]
-    perfect = DetectionCollector(_EchoHead([([[20, 10, 100, 50]], 0), ([[0, 0, 50, 50]], 1)]), num_classes=2)
+    perfect = DetectionCollector(_EchoHead([([[20, 10, 100, 50]], 0), ([[0, 0, 50, 50]], 1)]))
     perfect.add({}, targets)
     assert perfect.result() == pytest.approx({"map50": 1.0, "map": 1.0})
     # The second image's box shifted by half its width: IoU 1/3, so class 1 has AP 0 and the mean halves.
-    shifted = DetectionCollector(_EchoHead([([[20, 10, 100, 50]], 0), ([[25, 0, 75, 50]], 1)]), num_classes=2)
+    shifted = DetectionCollector(_EchoHead([([[20, 10, 100, 50]], 0), ([[25, 0, 75, 50]], 1)]))
     shifted.add({}, targets)
     assert shifted.result() == pytest.approx({"map50": 0.5, "map": 0.5})

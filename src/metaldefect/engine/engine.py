@@ -90,7 +90,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_labels: int | N
     head = head_of(model)
     sums = MetricSums()
     confusion = ConfusionMatrix(num_labels) if num_labels and hasattr(head, "confusion") else None
-    detections = DetectionCollector(head, head.num_classes) if head.task == "detect" else None
+    detections = DetectionCollector(head) if head.task == "detect" else None
     for inputs, targets in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         inputs = to_device(inputs, device)
         outputs = model(inputs)

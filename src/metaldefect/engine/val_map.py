@@ -17,10 +17,10 @@ from metaldefect.engine.coco_eval import evaluate_detections
 class DetectionCollector:
     """Decode every batch at score threshold 0 and keep the ground truth beside it."""
 
-    def __init__(self, head, num_classes: int):
+    def __init__(self, head):
         self.head = head
         # The engine knows class indices only; any distinct names give the same mAP.
-        self.names = [str(k) for k in range(num_classes)]
+        self.names = [str(k) for k in range(head.num_classes)]
         self.records: list[Record] = []
         self.detections: list = []
 
