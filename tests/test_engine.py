@@ -196,3 +196,4 @@ def test_the_epoch_map_is_computed_in_pixels_of_each_image():
     shifted = DetectionCollector(_EchoHead([([[20, 10, 100, 50]], 0), ([[25, 0, 75, 50]], 1)]))
     shifted.add({}, targets)
     assert shifted.result() == pytest.approx({"map50": 0.5, "map": 0.5})
+    assert DetectionCollector(_EchoHead([])).result() == {}  # an empty split has no mAP

@@ -34,8 +34,10 @@ class DetectionCollector:
                                        boxes=boxes, labels=[self.names[k] for k in target["labels"].tolist()]))
 
     def result(self) -> dict[str, float]:
-        """``{"map50": ..., "map": ...}`` over the images of every process (0.0 when undefined)."""
+        """``{"map50": ..., "map": ...}`` over the images of every process (0.0 when undefined; {} without images)."""
         records = distributed.all_gather_list(self.records)
         detections = distributed.all_gather_list(self.detections)
+        if not records:
+            return {}
         report = evaluate_detections(records, detections, self.names)
         return {"map50": report.map50 or 0.0, "map": report.map or 0.0}
