@@ -48,6 +48,8 @@ def test_integer_given_for_a_float_is_accepted():
     (["data.classes=crazing"], "data.classes: expected a list"),
     (["model.head_kwargs=3"], "model.head_kwargs: expected a mapping"),
     (["train.epochs=0"], "train.epochs: must be positive"),
+    (["train.tune_blocks=2", "train.frozen=false"], "train.tune_blocks: must be >= 0, and is for train.frozen=true"),
+    (["train.backbone_lr=0"], "train.backbone_lr: must be positive or null"),
     (["lr"], "expected key=value"),
     (["train.lr.x=1"], "train.lr.x: 'lr' is not a section"),
 ])

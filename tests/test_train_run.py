@@ -113,12 +113,16 @@ def test_detecting_heads_log_the_paper_metrics(tmp_path, data, cache, head, kwar
 
 def test_end_to_end_training_updates_only_the_trainable_layers(tmp_path, data, cache):
     config = write_config(tmp_path / "e2e.yaml", data, cache, "classifier",
-                          train={"frozen": False, "trainable_layers": 1, "epochs": 2, "augment": ["hflip"]})
+                          train={"frozen": False, "trainable_layers": 1, "epochs": 2, "augment": ["hflip"],
+                                 "backbone_lr": 0.0005, "schedule": "none"})
     assert train(config, tmp_path / "runs") == 0
     checkpoint = load_checkpoint(tmp_path / "runs" / "e2e" / "checkpoint_last.pt")
     assert checkpoint["part"] == "model"
-    # The optimizer holds the last conv (weight, bias) and the head's linear layer (weight, bias).
-    assert len(checkpoint["optimizer"]["param_groups"][0]["params"]) == 4
+    # The optimizer holds the head's linear layer (weight, bias) and, in a group of its own
+    # at train.backbone_lr, the backbone's last conv (weight, bias).
+    head_group, backbone_group = checkpoint["optimizer"]["param_groups"]
+    assert len(head_group["params"]) == len(backbone_group["params"]) == 2
+    assert (head_group["lr"], backbone_group["lr"]) == (0.003, 0.0005)
 
 
 def test_frozen_flips_are_cached_for_training_images_only(tmp_path, data):

@@ -53,6 +53,8 @@ class ModelConfig:
 class TrainConfig:
     frozen: bool = True  # frozen backbone + cached features; false = train through the backbone
     trainable_layers: int | None = None  # end to end only: last N parameterised backbone layers train; null = all
+    tune_blocks: int = 0  # frozen ViT only: its last N blocks train with the head on cached features of the rest
+    backbone_lr: float | None = None  # learning rate of trained backbone weights; null = train.lr
     cache_dir: str | None = None  # feature cache; null = $METALDEFECT_CACHE/features or ~/.cache/metaldefect/features
     epochs: int = 30
     batch_size: int = 32
@@ -237,6 +239,11 @@ def _check_values(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: train.lr: must be positive, got {cfg.train.lr}")
     if cfg.train.early_stopping < 0:
         raise ConfigError(f"{source}: train.early_stopping: must be >= 0, got {cfg.train.early_stopping}")
+    if cfg.train.tune_blocks < 0 or (cfg.train.tune_blocks and not cfg.train.frozen):
+        raise ConfigError(f"{source}: train.tune_blocks: must be >= 0, and is for train.frozen=true only "
+                          f"(got {cfg.train.tune_blocks} with frozen={cfg.train.frozen})")
+    if cfg.train.backbone_lr is not None and cfg.train.backbone_lr <= 0:
+        raise ConfigError(f"{source}: train.backbone_lr: must be positive or null, got {cfg.train.backbone_lr}")
     if cfg.train.trainable_layers is not None and cfg.train.trainable_layers < 0:
         raise ConfigError(f"{source}: train.trainable_layers: must be >= 0 or null, got {cfg.train.trainable_layers}")
 

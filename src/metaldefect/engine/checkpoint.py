@@ -1,11 +1,12 @@
 """Checkpoints: written atomically, resumable, and enough to rebuild the trained model.
 
 A checkpoint is a dict:
-``{"epoch": completed epochs, "part": "head" | "model", "state": state dict of that part,
+``{"epoch": completed epochs, "part": "head" | "tuned" | "model", "state": state dict of that part,
 "model_spec": create_model kwargs, "classes": [...], "metrics": val metrics of that epoch}``
 plus, in ``checkpoint_last.pt`` only, ``"optimizer"``, ``"scheduler"``, ``"rng"``,
 ``"history"`` and ``"trainer"`` (best value, stale epochs) for ``--resume``.
-With a frozen backbone only the head is stored (``part: "head"``); the backbone is
+With a frozen backbone only the head is stored (``part: "head"``), or the head and the
+tuned last ViT blocks (``part: "tuned"``, see :mod:`metaldefect.models.tail_tuning`); the backbone is
 rebuilt from its pretrained weights, named in ``model_spec`` (a frozen randomly
 initialised backbone, which cannot be rebuilt so, is stored as ``"backbone_state"``).
 """
@@ -60,10 +61,9 @@ def model_from_checkpoint(checkpoint: dict, device: str | torch.device = "cpu") 
     if checkpoint["part"] == "model":
         spec["pretrained"] = False  # every weight comes from the checkpoint
     model = create_model(**spec)
-    target = model.head if checkpoint["part"] == "head" else model
-    target.load_state_dict(checkpoint["state"])
-    if "backbone_state" in checkpoint:
+    if "backbone_state" in checkpoint:  # first: a tuned run's own blocks go on top
         model.backbone.load_state_dict(checkpoint["backbone_state"])
+    model.load_trained(checkpoint["part"], checkpoint["state"])
     return model.to(device).eval()
 
 

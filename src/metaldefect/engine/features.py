@@ -134,7 +134,7 @@ def entry_name(key: dict, view: str, image_sha1s: list[str]) -> str:
 
 def map_is_last_layer(backbone: Backbone) -> bool:
     """True when the output map equals the last cached layer (ViT with the final block chosen)."""
-    return backbone.is_vit and backbone.layers[-1] == len(backbone.model.blocks) - 1
+    return bool(backbone.is_vit and backbone.layers and backbone.layers[-1] == len(backbone.model.blocks) - 1)
 
 
 class _Images(Dataset):

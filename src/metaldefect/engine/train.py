@@ -41,6 +41,7 @@ from metaldefect.engine.run_files import (epoch_summary, resolved_config, write_
 from metaldefect.errors import ConfigError
 from metaldefect.models.factory import DefectModel, create_model
 from metaldefect.models.heads import head_class
+from metaldefect.models.tail_tuning import BackboneStem, TunedTail, stem_cut
 from metaldefect.models.weights import cache_dir as user_cache_dir
 
 NO_DEFECT = "no defect"
@@ -76,12 +77,16 @@ def build_loaders(cfg: Config, data: RunData, model: DefectModel, dist: distribu
                   ) -> tuple[dict[str, DataLoader], DistributedSampler, int]:
     """Loaders per split, the train sampler, and how many image views had to go through the backbone.
 
-    Frozen: features from the cache (rank 0 extracts what is missing first); else images.
+    Frozen: features from the cache (rank 0 extracts what is missing first): the backbone's,
+    or with ``train.tune_blocks`` those of its frozen stem; else images.
     """
     computed = 0
     flips = tuple(cfg.train.augment)
     if cfg.train.frozen:
         cache_dir = resolve_path(cfg.train.cache_dir) or user_cache_dir() / "features"
+        extractor = model.backbone
+        if cfg.train.tune_blocks:
+            extractor = BackboneStem(model.backbone, stem_cut(model.backbone, cfg.train.tune_blocks))
         # One canonical image order (sorted paths of every split), so that every config and
         # split over the same dataset shares one "none" entry. Flipped views are only ever
         # read for training images, so only those go through the backbone again.
@@ -90,11 +95,11 @@ def build_loaders(cfg: Config, data: RunData, model: DefectModel, dist: distribu
         feature_sets = {}
         for turn in ("first", "rest"):  # rank 0 fills the cache; the others then read it
             if (turn == "first") == dist.is_main:
-                say(f"features: {model.backbone.name} at {cfg.model.input_size}px, views {('none', *flips)} "
+                say(f"features: {extractor.name} at {cfg.model.input_size}px, views {('none', *flips)} "
                     f"(flips of train images only), cache {cache_dir}")
                 for part, paths in wanted.items():
                     feature_sets[part] = extract_features(
-                        model.backbone, paths, cache_dir, batch_size=cfg.train.batch_size,
+                        extractor, paths, cache_dir, batch_size=cfg.train.batch_size,
                         views=("none",) if part == "none" else flips, progress=cfg.train.progress and dist.is_main)
             distributed.barrier()
         computed = sum(sum(feature_set.computed.values()) for feature_set in feature_sets.values())
@@ -128,9 +133,16 @@ def _source(feature_sets: dict, paths: list[str]):
     return source
 
 
-def build_optimizer(cfg: Config, parameters) -> torch.optim.Optimizer:
-    parameters = [p for p in parameters if p.requires_grad]
+def build_optimizer(cfg: Config, module: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of ``module``'s trainable parameters; backbone ones at ``train.backbone_lr`` if set."""
     t = cfg.train
+    groups: dict[bool, list] = {False: [], True: []}
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            groups[".backbone." in f".{name}"].append(parameter)
+    parameters = [{"params": groups[False]}]
+    if groups[True]:
+        parameters.append({"params": groups[True], "lr": t.backbone_lr or t.lr})
     if t.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer == "adam":
@@ -169,27 +181,29 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
     features_started = time.time()
     loaders, train_sampler, features_computed = build_loaders(cfg, data, model, dist, say)
     feature_seconds = time.time() - features_started
-    if cfg.train.frozen:
-        module: nn.Module = model.head  # the backbone's work is in the feature cache
+    if cfg.train.frozen and cfg.train.tune_blocks:
+        module: nn.Module = TunedTail(model, stem_cut(model.backbone, cfg.train.tune_blocks))
+    elif cfg.train.frozen:
+        module = model.head  # the backbone's work is in the feature cache
     else:
         model.set_trainable(cfg.train.trainable_layers)
         module = model
     if dist.distributed:
         module = nn.parallel.DistributedDataParallel(
             module, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, broadcast_buffers=False)
-    optimizer = build_optimizer(cfg, module.parameters())
+    optimizer = build_optimizer(cfg, module)
     scheduler = build_scheduler(cfg, optimizer)
     trained = unwrap(module)
-    part = "head" if cfg.train.frozen else "model"
+    part = ("tuned" if cfg.train.tune_blocks else "head") if cfg.train.frozen else "model"
 
     history: list[dict] = []
     state = {"best": None, "best_epoch": 0, "stale": 0, "stopped_early": False}
     start_epoch = 0
     if checkpoint is not None:
         if checkpoint["part"] != part:
-            raise ConfigError(f"{run_dir}: cannot resume with train.frozen={cfg.train.frozen}: the run was started "
-                              f"with train.frozen={not cfg.train.frozen}")
-        trained.load_state_dict(checkpoint["state"])
+            raise ConfigError(f"{run_dir}: cannot resume training the {part}: the run was started training "
+                              f"the {checkpoint['part']} (train.frozen, train.tune_blocks)")
+        model.load_trained(part, checkpoint["state"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         history, state, start_epoch = checkpoint["history"], checkpoint["trainer"], checkpoint["epoch"]
@@ -205,8 +219,9 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
     resolved = resolved_config(cfg)
     base = {"part": part, "model_spec": spec, "classes": data.classes, "weights": model.backbone.weights_info,
             "config": resolved.to_dict()}
-    if part == "head" and model.backbone.weights_info["source"] == "random":
-        base["backbone_state"] = model.backbone.state_dict()  # a random frozen backbone cannot be rebuilt otherwise
+    if part != "model" and model.backbone.weights_info["source"] == "random":
+        # A random frozen backbone cannot be rebuilt otherwise; copied before a tuned tail changes it.
+        base["backbone_state"] = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     if main:
         save_config(resolved, run_dir / "config.yaml")
     started = last_plot = time.time()
@@ -230,14 +245,14 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
             state.update(best=row[monitor], best_epoch=epoch, stale=0)
             if main:
                 save_checkpoint(run_dir / "checkpoint_best.pt",
-                                {**base, "epoch": epoch, "state": trained.state_dict(), "metrics": val_metrics})
+                                {**base, "epoch": epoch, "state": trained_state(trained), "metrics": val_metrics})
         else:
             state["stale"] += 1
         if cfg.train.early_stopping and state["stale"] >= cfg.train.early_stopping:
             state["stopped_early"] = True
         rng = _gather_rng(dist)
         if main:
-            save_checkpoint(last_path, {**base, "epoch": epoch, "state": trained.state_dict(), "metrics": val_metrics,
+            save_checkpoint(last_path, {**base, "epoch": epoch, "state": trained_state(trained), "metrics": val_metrics,
                                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                         "rng": rng, "history": history, "trainer": dict(state)})
             write_history(run_dir / "history.csv", history)
@@ -250,8 +265,13 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
 
     timing = {"train_seconds": round(time.time() - started, 1), "feature_seconds": round(feature_seconds, 1),
               "features_computed": features_computed}
-    _finish(cfg, run_dir, data, module, trained, loaders, dist, history, state, base, timing)
+    _finish(cfg, run_dir, data, module, model, loaders, dist, history, state, base, timing)
     return run_dir
+
+
+def trained_state(trained: nn.Module) -> dict:
+    """What a checkpoint stores of the trained module (a head, a ``TunedTail`` or the whole model)."""
+    return trained.trained_state() if isinstance(trained, TunedTail) else trained.state_dict()
 
 
 def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> dict | None:
@@ -283,13 +303,13 @@ def _gather_rng(dist: distributed.DistInfo) -> list[dict]:
     return gathered
 
 
-def _finish(cfg: Config, run_dir: Path, data: RunData, module: nn.Module, trained: nn.Module, loaders: dict,
+def _finish(cfg: Config, run_dir: Path, data: RunData, module: nn.Module, model: DefectModel, loaders: dict,
             dist: distributed.DistInfo, history: list[dict], state: dict, base: dict, timing: dict) -> None:
     """Evaluate the best weights on val (with the confusion matrix) and test; write the results."""
     best_path = run_dir / "checkpoint_best.pt"
     distributed.barrier()
     if best_path.exists():
-        trained.load_state_dict(load_checkpoint(best_path)["state"])
+        model.load_trained(base["part"], load_checkpoint(best_path)["state"])
     progress = cfg.train.progress and dist.is_main
     labels = data.classes + [NO_DEFECT]
     val_metrics, confusion = evaluate(module, loaders["val"], dist.device, len(labels), progress)

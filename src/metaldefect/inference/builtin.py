@@ -3,7 +3,8 @@
 ``src/metaldefect/builtin_model/`` (written by ``benchmarks/package_builtin.py RUN``)::
 
     weights.safetensors  weights of the trained part: the head alone for a frozen-backbone
-                         run (the backbone comes from its offline weights provider)
+                         run (the backbone comes from its offline weights provider), the
+                         head and the tuned last ViT blocks for a ``tune_blocks`` run
     model_card.json      what the model is: backbone and its weights' checksum, head, classes,
                          training command, data, split, metrics, and the create_model spec
     MODEL_CARD.md        the same for people
@@ -74,7 +75,7 @@ def load_builtin(folder: Path | None = None) -> tuple[DefectModel, list[str], di
         spec["pretrained"] = False  # every weight comes from the packaged file
     model = create_model(**spec)
     expected = (card.get("backbone_weights") or {}).get("sha256")
-    if part == "head" and expected and model.backbone.weights_info.get("sha256") != expected:
+    if part in ("head", "tuned") and expected and model.backbone.weights_info.get("sha256") != expected:
         raise WeightsError(f"{folder / CARD_FILE}: the backbone weights found here (sha256 "
                            f"{model.backbone.weights_info.get('sha256')}) are not those the model was trained on "
                            f"({expected}); reinstall the weights package named in the model card")
@@ -82,9 +83,8 @@ def load_builtin(folder: Path | None = None) -> tuple[DefectModel, list[str], di
         state = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError) as error:
         raise MetalDefectError(f"{folder / WEIGHTS_FILE}: unreadable weights ({error})") from None
-    target = model.head if part == "head" else model
     try:
-        target.load_state_dict(state)
+        model.load_trained(part, state)
     except RuntimeError as error:
         raise MetalDefectError(f"{folder / WEIGHTS_FILE}: weights do not fit the model in the card "
                                f"({' '.join(str(error).split())[:300]})") from None
@@ -145,7 +145,7 @@ def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: st
         raise MetalDefectError(f"{run_dir}: run directory not found")
     checkpoint = load_checkpoint(run_dir / "checkpoint_best.pt")
     spec = dict(checkpoint["model_spec"])
-    if checkpoint["part"] == "head" and spec.get("weights_file"):
+    if checkpoint["part"] in ("head", "tuned") and spec.get("weights_file"):
         raise MetalDefectError(f"{run_dir}: the backbone was loaded from a local file ({spec['weights_file']}); "
                                "a built-in model needs backbone weights an install can resolve offline")
     spec["weights_file"] = None
@@ -204,8 +204,9 @@ def card_markdown(card: dict) -> str:
         "## Model", "",
         f"- Backbone: `{card['backbone']}`, weights `{weights.get('name')}` from `{weights.get('source')}` "
         f"(tag `{weights.get('pretrained_tag')}`, sha256 `{weights.get('sha256')}`); "
-        + ("frozen, not shipped here: rebuilt from the offline provider." if card.get("part") == "head"
-           else "shipped here with the head."),
+        + {"head": "frozen, not shipped here: rebuilt from the offline provider.",
+           "tuned": "rebuilt from the offline provider; its last blocks were tuned and are shipped here "
+                    "with the head."}.get(card.get("part"), "shipped here with the head."),
         f"- Head: `{card['head']}` with `{json.dumps(card.get('head_kwargs') or {})}`",
         f"- Input: {card['input_size']} x {card['input_size']} pixels; default score threshold "
         f"{card.get('score_threshold')}",

@@ -34,6 +34,24 @@ class DefectModel(nn.Module):
     def forward_head(self, features: dict) -> dict[str, torch.Tensor]:
         return self.head(features)
 
+    def load_trained(self, part: str, state: dict[str, torch.Tensor]) -> None:
+        """Load what a run trained: part "head" (the head's state), "model" (everything) or "tuned"
+        (the head and the last ViT blocks, under this module's names: see ``TunedTail``).
+
+        RuntimeError when ``state`` does not fit (as ``load_state_dict``).
+        """
+        if part == "head":
+            self.head.load_state_dict(state)
+        elif part == "model":
+            self.load_state_dict(state)
+        elif part == "tuned":
+            missing, unexpected = self.load_state_dict(state, strict=False)
+            missing_head = [key for key in missing if key.startswith("head.")]
+            if unexpected or missing_head:
+                raise RuntimeError(f"unexpected keys {unexpected[:3]}, missing head keys {missing_head[:3]}")
+        else:
+            raise ValueError(f"unknown trained part {part!r} (expected head, model or tuned)")
+
     def set_trainable(self, trainable_layers: int | None) -> None:
         """Freeze the backbone except its last ``trainable_layers`` parameterised layers (None = train all).
 
