@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metaldefect.data.dense_targets import BACKGROUND, dense_locations, encode_dense_targets
-from metaldefect.data.transforms import flip_boxes
+from metaldefect.data.transforms import view_boxes
 from metaldefect.models.heads import create_head
 from metaldefect.models.heads.dense import DenseHead
 
@@ -83,8 +83,8 @@ def test_flipped_boxes_give_mirrored_targets():
     boxes = torch.tensor([[0.07, 0.1, 0.47, 0.32], [0.61, 0.52, 0.91, 0.95]])  # no point on a region border
     labels = torch.tensor([0, 2])
     classes, ltrb = encode(boxes, labels, points, strides, ranges)
-    h_classes, h_ltrb = encode(flip_boxes(boxes, "hflip"), labels, points, strides, ranges)
-    v_classes, v_ltrb = encode(flip_boxes(boxes, "vflip"), labels, points, strides, ranges)
+    h_classes, h_ltrb = encode(view_boxes(boxes, "hflip"), labels, points, strides, ranges)
+    v_classes, v_ltrb = encode(view_boxes(boxes, "vflip"), labels, points, strides, ranges)
     for size, start in [(8, 0), (4, 64)]:
         level = slice(start, start + size * size)
         grid, h_grid, v_grid = (c[level].reshape(size, size) for c in (classes, h_classes, v_classes))

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from metaldefect.config import AUGMENTATIONS
 from metaldefect.data.encoders import encode_first_object, encode_image_labels, encode_slots, image_label, make_target
 from metaldefect.data.records import Record
-from metaldefect.data.transforms import flip_boxes, flip_image, flip_target
+from metaldefect.data.transforms import VIEWS, view_boxes, view_image, view_target
 from metaldefect.errors import ConfigError, DataError
 from metaldefect.models.heads import create_head, list_heads
 from metaldefect.models.matcher import HungarianMatcher
@@ -59,19 +61,28 @@ def test_first_object_and_padded_slots():
         encode_slots([target([[0, 0, 1, 1]] * 3, [0, 0, 0])], num_slots=2, no_defect=1)
 
 
-def test_flips_mirror_boxes_with_the_image():
+@pytest.mark.parametrize("view", VIEWS)
+def test_views_move_boxes_with_the_image(view):
     image = torch.zeros(1, 10, 20)
     image[0, 1:3, 2:6] = 1.0  # a box x 2..6 of 20, y 1..3 of 10
     box = torch.tensor([[2 / 20, 1 / 10, 6 / 20, 3 / 10]])
-    for view in ("hflip", "vflip"):
-        flipped, moved = flip_image(image, view), flip_boxes(box, view)
-        x1, y1, x2, y2 = (moved[0] * torch.tensor([20, 10, 20, 10])).round().int().tolist()
-        assert flipped[0, y1:y2, x1:x2].sum() == (x2 - x1) * (y2 - y1) == flipped.sum()
-        assert torch.allclose(flip_boxes(moved, view), box)  # a flip is its own inverse
-    assert torch.allclose(flip_boxes(box, "hflip"), torch.tensor([[0.7, 0.1, 0.9, 0.3]]))
+    seen, moved = view_image(image, view), view_boxes(box, view)
+    height, width = seen.shape[1:]
+    x1, y1, x2, y2 = (moved[0] * torch.tensor([width, height, width, height])).round().int().tolist()
+    assert seen[0, y1:y2, x1:x2].sum() == (x2 - x1) * (y2 - y1) == seen.sum() == 8
+
+
+def test_views_are_the_eight_symmetries_of_a_square():
+    image = torch.arange(16.0).view(1, 4, 4)
+    seen = {view: view_image(image, view) for view in VIEWS}
+    assert len({tuple(x.flatten().tolist()) for x in seen.values()}) == 8
+    assert torch.equal(seen["rot90"], torch.from_numpy(np.rot90(image.numpy(), 1, axes=(1, 2)).copy()))
+    assert torch.equal(seen["rot270"], torch.from_numpy(np.rot90(image.numpy(), 3, axes=(1, 2)).copy()))
+    assert set(AUGMENTATIONS) == set(VIEWS) - {"none"}  # what a config may ask for
     original = target([[0.1, 0.2, 0.3, 0.4]], [1])
-    assert flip_target(original, "none") is original
-    assert torch.allclose(flip_target(original, "vflip")["boxes"], torch.tensor([[0.1, 0.6, 0.3, 0.8]]))
+    assert view_target(original, "none") is original
+    assert torch.allclose(view_target(original, "vflip")["boxes"], torch.tensor([[0.1, 0.6, 0.3, 0.8]]))
+    assert torch.allclose(view_target(original, "rot90")["boxes"], torch.tensor([[0.2, 0.7, 0.4, 0.9]]))
 
 
 # ---------------------------------------------------------------- registry

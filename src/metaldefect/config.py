@@ -92,7 +92,8 @@ CHOICES = {
     "train.monitor_mode": ("min", "max"),
     "train.device": ("auto", "cpu", "cuda"),
 }
-AUGMENTATIONS = ("hflip", "vflip")
+# The views of metaldefect.data.transforms.VIEWS but "none" (a test keeps the two equal; config stays torch-free).
+AUGMENTATIONS = ("hflip", "vflip", "rot180", "transpose", "rot90", "rot270", "antitranspose")
 FREE_FORM = {"model.head_kwargs"}
 
 

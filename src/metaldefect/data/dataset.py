@@ -2,7 +2,7 @@
 
 Both yield ``(inputs, target)`` with the generic target of :mod:`metaldefect.data.encoders`;
 :func:`collate` batches them into ``(images [B, 3, S, S] | features dict of [B, ...], targets list)``.
-Random flips are drawn per item from the torch RNG, so seeding the process (and DataLoader
+Random views are drawn per item from the torch RNG, so seeding the process (and DataLoader
 workers, which torch seeds from it) makes them reproducible.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from metaldefect.data.images import load_image
 from metaldefect.data.records import Record
-from metaldefect.data.transforms import flip_image, flip_target, random_view, to_input_tensor
+from metaldefect.data.transforms import view_image, view_target, random_view, to_input_tensor
 
 FeatureSource = Callable[[int, str], dict]
 """``source(index, view) -> {"pooled": [D], "map": [D, h, w], ...}`` for one image (no batch dim)."""
@@ -23,17 +23,17 @@ FeatureSource = Callable[[int, str], dict]
 class ImageDataset(Dataset):
     """Images resized to ``input_size`` squares in [0, 1], with their targets.
 
-    ``flips`` lists the views ("hflip", "vflip") drawn at random per item; empty = no augmentation.
+    ``views`` lists the views ("hflip", "rot90", ...) drawn at random per item; empty = no augmentation.
     """
 
     def __init__(self, records: Sequence[Record], targets: Sequence[dict], input_size: int,
-                 flips: Sequence[str] = ()):
+                 views: Sequence[str] = ()):
         if len(records) != len(targets):
             raise ValueError("one target per record is needed")
         self.records = list(records)
         self.targets = list(targets)
         self.input_size = input_size
-        self.flips = tuple(flips)
+        self.views = tuple(views)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -41,30 +41,30 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         image = to_input_tensor(load_image(self.records[index].path), self.input_size)
         target = self.targets[index]
-        if self.flips:
-            view = random_view(self.flips)
-            image, target = flip_image(image, view), flip_target(target, view)
+        if self.views:
+            view = random_view(self.views)
+            image, target = view_image(image, view), view_target(target, view)
         return image, target
 
 
 class FeatureDataset(Dataset):
-    """Cached backbone features of each image, one view drawn at random per item when ``flips`` is set.
+    """Cached backbone features of each image, one view drawn at random per item when ``views`` is set.
 
     ``source(index, view)`` returns one image's feature dict; the dataset knows nothing of
     how features are stored (the engine's feature cache provides the source).
     """
 
-    def __init__(self, source: FeatureSource, targets: Sequence[dict], flips: Sequence[str] = ()):
+    def __init__(self, source: FeatureSource, targets: Sequence[dict], views: Sequence[str] = ()):
         self.source = source
         self.targets = list(targets)
-        self.flips = tuple(flips)
+        self.views = tuple(views)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[dict, dict]:
-        view = random_view(self.flips) if self.flips else "none"
-        return self.source(index, view), flip_target(self.targets[index], view)
+        view = random_view(self.views) if self.views else "none"
+        return self.source(index, view), view_target(self.targets[index], view)
 
 
 def collate(batch: list[tuple]) -> tuple:

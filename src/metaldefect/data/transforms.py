@@ -1,9 +1,10 @@
-"""Image and box transforms: resize to the square network input, box-aware flips.
+"""Image and box transforms: resize to the square network input, box-aware views.
 
 Boxes here are normalised xyxy (``[N, 4]`` in [0, 1]). The resize is uniform per axis,
-so normalised boxes are unchanged by it; a flip mirrors them. The same flips are what
-the feature cache stores as views ("hflip", "vflip"), so cached and end-to-end training
-see the same augmentation.
+so normalised boxes are unchanged by it. A view is one of the eight symmetries of a
+square (the dihedral group: flips, quarter turns, transposes); it moves the boxes with
+the image. The same views are what the feature cache stores ("hflip", "rot90", ...), so
+cached and end-to-end training see the same augmentation.
 """
 from __future__ import annotations
 
@@ -11,7 +12,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-VIEWS = ("none", "hflip", "vflip")
+# Each view as steps applied in order: "t" transposes (x <-> y), "h" mirrors x, "v" mirrors y.
+# Quarter turns are counter-clockwise as seen on screen (numpy's rot90).
+VIEW_STEPS = {"none": "", "hflip": "h", "vflip": "v", "rot180": "hv", "transpose": "t", "rot90": "tv",
+              "rot270": "th", "antitranspose": "thv"}
+VIEWS = tuple(VIEW_STEPS)
+
+
+def _steps(view: str) -> str:
+    try:
+        return VIEW_STEPS[view]
+    except KeyError:
+        raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}") from None
 
 
 def to_input_tensor(image: np.ndarray, size: int) -> torch.Tensor:
@@ -24,39 +36,33 @@ def to_input_tensor(image: np.ndarray, size: int) -> torch.Tensor:
     return tensor
 
 
-def flip_boxes(boxes: torch.Tensor, view: str) -> torch.Tensor:
-    """Mirror normalised xyxy boxes ``[N, 4]`` for a view: hflip x -> 1 - x, vflip y -> 1 - y."""
-    if view == "none":
-        return boxes
-    boxes = boxes.clone()
-    if view == "hflip":
-        boxes[:, [0, 2]] = 1.0 - boxes[:, [2, 0]]
-    elif view == "vflip":
-        boxes[:, [1, 3]] = 1.0 - boxes[:, [3, 1]]
-    else:
-        raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+def view_boxes(boxes: torch.Tensor, view: str) -> torch.Tensor:
+    """Normalised xyxy boxes ``[N, 4]`` moved as :func:`view_image` moves the image."""
+    for step in _steps(view):
+        if step == "t":
+            boxes = boxes[:, [1, 0, 3, 2]]
+        elif step == "h":
+            boxes = torch.stack([1.0 - boxes[:, 2], boxes[:, 1], 1.0 - boxes[:, 0], boxes[:, 3]], dim=1)
+        else:
+            boxes = torch.stack([boxes[:, 0], 1.0 - boxes[:, 3], boxes[:, 2], 1.0 - boxes[:, 1]], dim=1)
     return boxes
 
 
-def flip_image(image: torch.Tensor, view: str) -> torch.Tensor:
-    """Mirror an image tensor ``[C, H, W]`` for a view."""
-    if view == "hflip":
-        return image.flip(-1)
-    if view == "vflip":
-        return image.flip(-2)
-    if view == "none":
-        return image
-    raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+def view_image(image: torch.Tensor, view: str) -> torch.Tensor:
+    """An image tensor ``[..., H, W]`` seen in ``view`` (a transpose makes it ``[..., W, H]``)."""
+    for step in _steps(view):
+        image = image.transpose(-1, -2) if step == "t" else image.flip(-1 if step == "h" else -2)
+    return image
 
 
-def flip_target(target: dict, view: str) -> dict:
-    """A copy of a generic target with its boxes mirrored for ``view``."""
+def view_target(target: dict, view: str) -> dict:
+    """A copy of a generic target with its boxes moved for ``view`` (the target itself for "none")."""
     if view == "none":
         return target
-    return {**target, "boxes": flip_boxes(target["boxes"], view)}
+    return {**target, "boxes": view_boxes(target["boxes"], view)}
 
 
 def random_view(views: tuple[str, ...] | list[str], generator: torch.Generator | None = None) -> str:
-    """Pick uniformly among "none" and the enabled flip views (each flip then has p = 1 / (1 + len(views)))."""
+    """Pick uniformly among "none" and the enabled views (each then has p = 1 / (1 + len(views)))."""
     choices = ("none", *views)
     return choices[int(torch.randint(len(choices), (1,), generator=generator))]

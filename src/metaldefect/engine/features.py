@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from metaldefect.atomic import write_text
 from metaldefect.data.images import load_image
-from metaldefect.data.transforms import VIEWS, flip_image, to_input_tensor
+from metaldefect.data.transforms import VIEWS, view_image, to_input_tensor
 from metaldefect.errors import DataError
 from metaldefect.models.backbones import Backbone
 from metaldefect.models.weights import cache_dir as user_cache_dir
@@ -268,7 +268,7 @@ def _compute(backbone, paths, entries, key, store_map, batch_size, num_workers, 
                     if writer.done >= end:
                         continue  # resumed: this view already holds these rows
                     with torch.inference_mode():
-                        outputs = backbone(flip_image(batch.to(device), view))
+                        outputs = backbone(view_image(batch.to(device), view))
                     writer.write(row, outputs)
                     computed[view] += len(batch)
                 row = end

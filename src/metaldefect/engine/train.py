@@ -81,34 +81,34 @@ def build_loaders(cfg: Config, data: RunData, model: DefectModel, dist: distribu
     or with ``train.tune_blocks`` those of its frozen stem; else images.
     """
     computed = 0
-    flips = tuple(cfg.train.augment)
+    views = tuple(cfg.train.augment)
     if cfg.train.frozen:
         cache_dir = resolve_path(cfg.train.cache_dir) or user_cache_dir() / "features"
         extractor = model.backbone
         if cfg.train.tune_blocks:
             extractor = BackboneStem(model.backbone, stem_cut(model.backbone, cfg.train.tune_blocks))
         # One canonical image order (sorted paths of every split), so that every config and
-        # split over the same dataset shares one "none" entry. Flipped views are only ever
+        # split over the same dataset shares one "none" entry. The other views are only ever
         # read for training images, so only those go through the backbone again.
         wanted = {"none": sorted({str(r.path) for name in SPLITS for r in data.records[name]}),
-                  **({"flips": sorted(str(r.path) for r in data.records["train"])} if flips else {})}
+                  **({"views": sorted(str(r.path) for r in data.records["train"])} if views else {})}
         feature_sets = {}
         for turn in ("first", "rest"):  # rank 0 fills the cache; the others then read it
             if (turn == "first") == dist.is_main:
-                say(f"features: {extractor.name} at {cfg.model.input_size}px, views {('none', *flips)} "
-                    f"(flips of train images only), cache {cache_dir}")
+                say(f"features: {extractor.name} at {cfg.model.input_size}px, views {('none', *views)} "
+                    f"(all but 'none' for train images only), cache {cache_dir}")
                 for part, paths in wanted.items():
                     feature_sets[part] = extract_features(
                         extractor, paths, cache_dir, batch_size=cfg.train.batch_size,
-                        views=("none",) if part == "none" else flips, progress=cfg.train.progress and dist.is_main)
+                        views=("none",) if part == "none" else views, progress=cfg.train.progress and dist.is_main)
             distributed.barrier()
         computed = sum(sum(feature_set.computed.values()) for feature_set in feature_sets.values())
         datasets = {name: FeatureDataset(_source(feature_sets, [str(r.path) for r in data.records[name]]),
-                                         data.targets[name], flips if name == "train" else ())
+                                         data.targets[name], views if name == "train" else ())
                     for name in SPLITS}
     else:
         datasets = {name: ImageDataset(data.records[name], data.targets[name], cfg.model.input_size,
-                                       flips if name == "train" else ())
+                                       views if name == "train" else ())
                     for name in SPLITS}
     train_sampler = DistributedSampler(datasets["train"], num_replicas=dist.world_size, rank=dist.rank,
                                        shuffle=True, seed=cfg.seed)
@@ -124,11 +124,11 @@ def build_loaders(cfg: Config, data: RunData, model: DefectModel, dist: distribu
 
 def _source(feature_sets: dict, paths: list[str]):
     """``source(index, view)`` for a FeatureDataset: image ``paths[index]`` of a split, read from the
-    cache's "none" set or, for a flipped view, from its "flips" set (train images only)."""
+    cache's "none" set or, for another view, from its "views" set (train images only)."""
     rows = {part: feature_set.index for part, feature_set in feature_sets.items()}
 
     def source(index: int, view: str) -> dict:
-        part = "none" if view == "none" else "flips"
+        part = "none" if view == "none" else "views"
         return feature_sets[part].get(rows[part][paths[index]], view)
     return source
 
