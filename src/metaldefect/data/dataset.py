@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from metaldefect.data.images import load_image
 from metaldefect.data.records import Record
-from metaldefect.data.transforms import view_image, view_target, random_view, to_input_tensor
+from metaldefect.data.transforms import random_view, to_input_tensor, view_image, view_target
 
 FeatureSource = Callable[[int, str], dict]
 """``source(index, view) -> {"pooled": [D], "map": [D, h, w], ...}`` for one image (no batch dim)."""

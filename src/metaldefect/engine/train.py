@@ -220,7 +220,8 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
     base = {"part": part, "model_spec": spec, "classes": data.classes, "weights": model.backbone.weights_info,
             "config": resolved.to_dict()}
     if part != "model" and model.backbone.weights_info["source"] == "random":
-        # A random frozen backbone cannot be rebuilt otherwise; copied before a tuned tail changes it.
+        # A random frozen backbone cannot be rebuilt otherwise (copied: a tuned tail trains in place;
+        # its own blocks are loaded over these when the model is rebuilt).
         base["backbone_state"] = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     if main:
         save_config(resolved, run_dir / "config.yaml")
