@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from metaldefect.atomic import write_text
 from metaldefect.data.images import load_image
-from metaldefect.data.transforms import VIEWS, view_image, to_input_tensor
+from metaldefect.data.transforms import VIEWS, to_input_tensor, view_image
 from metaldefect.errors import DataError
 from metaldefect.models.backbones import Backbone
 from metaldefect.models.weights import cache_dir as user_cache_dir

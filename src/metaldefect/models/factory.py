@@ -38,7 +38,7 @@ class DefectModel(nn.Module):
         """Load what a run trained: part "head" (the head's state), "model" (everything) or "tuned"
         (the head and the last ViT blocks, under this module's names: see ``TunedTail``).
 
-        RuntimeError when ``state`` does not fit (as ``load_state_dict``).
+        RuntimeError when ``state`` does not fit (as ``load_state_dict``) or ``part`` is unknown.
         """
         if part == "head":
             self.head.load_state_dict(state)
@@ -50,7 +50,7 @@ class DefectModel(nn.Module):
             if unexpected or missing_head:
                 raise RuntimeError(f"unexpected keys {unexpected[:3]}, missing head keys {missing_head[:3]}")
         else:
-            raise ValueError(f"unknown trained part {part!r} (expected head, model or tuned)")
+            raise RuntimeError(f"unknown trained part {part!r} (expected head, model or tuned)")
 
     def set_trainable(self, trainable_layers: int | None) -> None:
         """Freeze the backbone except its last ``trainable_layers`` parameterised layers (None = train all).
