@@ -108,9 +108,10 @@ def test_registered_head_outputs_have_the_documented_shapes():
     assert torch.allclose(outputs["strides"][0, [0, 256, 320, 336]], torch.tensor([1 / 16, 1 / 8, 1 / 4, 1 / 2]))
 
 
-def test_loss_decreases_and_the_boxes_are_found_on_a_tiny_overfit_case():
+@pytest.mark.parametrize("score", ["quality", "varifocal", "task_aligned"])
+def test_loss_decreases_and_the_boxes_are_found_on_a_tiny_overfit_case(score):
     torch.manual_seed(0)
-    head = DenseHead(IN_DIMS, num_classes=4, channels=32, num_convs=1, scales=[1, 0.5])
+    head = DenseHead(IN_DIMS, num_classes=4, channels=32, num_convs=1, scales=[1, 0.5], score=score)
     features = {"layers": [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)]}
     targets = [{"boxes": torch.tensor([[0.1, 0.2, 0.4, 0.6]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[0.5, 0.1, 0.9, 0.5], [0.0, 0.6, 1.0, 1.0]]), "labels": torch.tensor([3, 0])}]
@@ -125,7 +126,7 @@ def test_loss_decreases_and_the_boxes_are_found_on_a_tiny_overfit_case():
     assert losses[-1] < 0.3 * losses[0]
     outputs = head(features)
     acc_sum, acc_count = head.metrics(outputs, targets)["pos_acc"]
-    assert acc_count > 0 and acc_sum / acc_count == 1.0
+    assert acc_count > 0 and acc_sum / acc_count == pytest.approx(1.0, abs=1e-3)
     detections = head.decode(outputs, [(100, 100), (100, 100)], CLASSES, score_threshold=0.3)
     found = {(d.label, tuple(round(v / 10) for v in d.box)) for image in detections for d in image}
     assert ("b", (1, 2, 4, 6)) in found and ("d", (5, 1, 9, 5)) in found and ("a", (0, 6, 10, 10)) in found
@@ -163,3 +164,40 @@ def test_nms_merges_duplicates_of_a_class_but_keeps_other_classes():
     other_class = {5: (1, [1.0, 1.0, 2.0, 1.0]), 6: (3, [2.0, 1.0, 1.0, 1.0])}
     (detections,) = head.decode(_hand_made_outputs(head, other_class), [(100, 100)], CLASSES, score_threshold=0.5)
     assert sorted(d.label for d in detections) == ["b", "d"]
+
+
+def test_varifocal_head_scores_with_its_class_logits_alone():
+    head = DenseHead(IN_DIMS, num_classes=4, channels=16, num_convs=1, scales=[1], score="varifocal")
+    assert head.quality is None and not any("quality" in name for name in head.state_dict())
+    outputs = head({"layers": [torch.zeros(1, 16, 4, 4), torch.zeros(1, 16, 4, 4)]})
+    assert "quality_logits" not in outputs
+    losses = head.loss(outputs, [{"boxes": torch.tensor([[0.1, 0.1, 0.6, 0.6]]), "labels": torch.tensor([2])}])
+    assert set(losses) == {"loss", "loss_cls", "loss_box"}
+    cls_logits = torch.full_like(outputs["cls_logits"], -20.0)
+    cls_logits[0, 5, 2] = 1.0
+    (detections,) = head.decode({**outputs, "cls_logits": cls_logits}, [(100, 100)], CLASSES, score_threshold=0.5)
+    assert len(detections) == 1 and detections[0].score == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
+
+
+def test_varifocal_loss_known_answer_weights_positives_by_their_iou():
+    head = DenseHead(IN_DIMS, num_classes=1, channels=16, num_convs=1, scales=[1], score="varifocal")
+    outputs = head({"layers": [torch.zeros(1, 16, 4, 4), torch.zeros(1, 16, 4, 4)]})
+    # Every location predicts 1 stride (0.25) to every side: a 0.5 x 0.5 box around its centre.
+    ltrb = torch.full_like(outputs["box_ltrb"], 1.0)
+    logits = torch.full_like(outputs["cls_logits"], -1.0)
+    target = [{"boxes": torch.tensor([[0.125, 0.125, 0.625, 0.875]]), "labels": torch.tensor([0])}]
+    classes, _, _ = head.encode_targets(outputs, target)
+    positive = classes[0] >= 0
+    losses = head.loss({**outputs, "cls_logits": logits, "box_ltrb": ltrb}, target)
+    p = torch.sigmoid(torch.tensor(-1.0))
+    assert positive.sum() >= 2
+    expected = 0.0  # positives: iou * BCE(p, iou); negatives: 0.75 * p^2 * BCE(p, 0)
+    for location in torch.nonzero(positive).flatten().tolist():
+        x, y = outputs["points"][0, location].tolist()
+        box = [x - 0.25, y - 0.25, x + 0.25, y + 0.25]
+        inter = max(0.0, min(box[2], 0.625) - max(box[0], 0.125)) * max(0.0, min(box[3], 0.875) - max(box[1], 0.125))
+        iou = inter / (0.25 + 0.375 - inter)
+        expected += iou * -(iou * math.log(p) + (1 - iou) * math.log(1 - p))
+    negatives = 16 - int(positive.sum())
+    expected += negatives * 0.75 * float(p) ** 2 * -math.log(1 - p)
+    assert losses["loss_cls"].item() == pytest.approx(expected / int(positive.sum()), rel=1e-5)

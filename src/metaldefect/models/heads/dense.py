@@ -15,6 +15,13 @@ of FCOS's centerness because the nearest-point fallback for thin boxes, see
 :mod:`metaldefect.data.dense_targets`, has no meaningful centerness). A detection's
 score is ``sqrt(class probability * quality)``.
 
+With ``score="varifocal"`` there is no quality branch: the class logits themselves are
+trained towards the IoU reached at positive locations and towards 0 elsewhere with the
+varifocal loss (VarifocalNet, Zhang et al., 2021), so one number ranks detections by
+both class and box quality and is trained at every location, not only positive ones.
+``score="task_aligned"`` goes further and lets the predictions choose the positives
+(YOLOv8's task-aligned assignment, :mod:`metaldefect.models.heads.task_aligned`).
+
 Shapes: ``B`` images, ``L`` locations over all levels (finest first, row-major),
 ``K`` classes.
 """
@@ -32,6 +39,9 @@ from metaldefect.data.dense_targets import dense_locations, encode_dense_targets
 from metaldefect.data.records import Detection
 from metaldefect.errors import ConfigError
 from metaldefect.models.heads import register_head
+from metaldefect.models.heads.task_aligned import task_aligned_targets
+
+SCORES = ("quality", "varifocal", "task_aligned")
 
 
 class SimpleFeaturePyramid(nn.Module):
@@ -101,6 +111,10 @@ class DenseHead(nn.Module):
         focal_alpha, focal_gamma: sigmoid focal loss parameters.
         loss_weights: weights of ``loss_cls``, ``loss_box`` (GIoU), ``loss_quality`` (BCE).
         nms_iou: IoU above which ``batched_nms`` drops the lower-scored box of a class.
+        score: ``"quality"`` (focal class loss plus a quality branch), ``"varifocal"``
+            (class logits trained towards the IoU, no quality branch) or ``"task_aligned"``
+            (positives chosen by the predictions, see :mod:`.task_aligned`; no quality branch).
+        top_k: positives per box with ``score="task_aligned"``.
         pre_nms_top_k, max_detections: candidates kept per image before and after NMS.
     """
 
@@ -110,8 +124,12 @@ class DenseHead(nn.Module):
                  scales: list[float] = (1.0, 0.5, 0.25), size_ranges: list[list[float]] | None = None,
                  center_radius: float = 1.5, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                  loss_weights: dict[str, float] | None = None, nms_iou: float = 0.6,
-                 pre_nms_top_k: int = 1000, max_detections: int = 100):
+                 pre_nms_top_k: int = 1000, max_detections: int = 100, score: str = "quality",
+                 top_k: int = 10):
         super().__init__()
+        if score not in SCORES:
+            raise ConfigError(f"dense head score must be one of {', '.join(SCORES)}, got {score!r}")
+        self.score, self.top_k = score, top_k
         layer_dims = list(in_dims.get("layers") or [in_dims["map"]])
         self.num_classes = num_classes
         self.scales = [float(s) for s in scales]
@@ -128,7 +146,7 @@ class DenseHead(nn.Module):
         self.box_tower = _tower(channels, num_convs)
         self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
         self.box_ltrb = nn.Conv2d(channels, 4, 3, padding=1)
-        self.quality = nn.Conv2d(channels, 1, 3, padding=1)
+        self.quality = nn.Conv2d(channels, 1, 3, padding=1) if score == "quality" else None
         self.level_scales = nn.Parameter(torch.ones(len(self.scales)))
         self._reset_predictor()
         self._locations: dict[tuple, tuple[torch.Tensor, ...]] = {}
@@ -156,9 +174,9 @@ class DenseHead(nn.Module):
 
         Returns:
             ``"cls_logits"`` ``[B, L, K]``; ``"box_ltrb"`` ``[B, L, 4]`` non-negative distances
-            in strides; ``"quality_logits"`` ``[B, L]``; and the locations, the same for every
-            image: ``"points"`` ``[B, L, 2]`` normalised ``(x, y)``, ``"strides"`` ``[B, L]``
-            normalised, ``"ranges"`` ``[B, L, 2]`` the levels' size ranges.
+            in strides; ``"quality_logits"`` ``[B, L]`` (``score="quality"`` only); and the
+            locations, the same for every image: ``"points"`` ``[B, L, 2]`` normalised ``(x, y)``,
+            ``"strides"`` ``[B, L]`` normalised, ``"ranges"`` ``[B, L, 2]`` the levels' size ranges.
         """
         layers = features.get("layers") or [features["map"]]
         levels = self.neck(list(layers))
@@ -169,54 +187,88 @@ class DenseHead(nn.Module):
             cls_logits.append(self.cls_logits(cls_features).flatten(2))
             # softplus rather than FCOS's relu: distances stay positive and never lose their gradient.
             box_ltrb.append(F.softplus(scale * self.box_ltrb(box_features)).flatten(2))
-            quality.append(self.quality(box_features).flatten(2))
+            if self.quality is not None:
+                quality.append(self.quality(box_features).flatten(2))
         batch = levels[0].shape[0]
         points, strides, ranges = self._level_locations([tuple(x.shape[-2:]) for x in levels], levels[0].device)
-        return {"cls_logits": torch.cat(cls_logits, dim=2).transpose(1, 2),
-                "box_ltrb": torch.cat(box_ltrb, dim=2).transpose(1, 2),
-                "quality_logits": torch.cat(quality, dim=2)[:, 0],
-                "points": points.expand(batch, -1, -1), "strides": strides.expand(batch, -1),
-                "ranges": ranges.expand(batch, -1, -1)}
+        outputs = {"cls_logits": torch.cat(cls_logits, dim=2).transpose(1, 2),
+                   "box_ltrb": torch.cat(box_ltrb, dim=2).transpose(1, 2),
+                   "points": points.expand(batch, -1, -1), "strides": strides.expand(batch, -1),
+                   "ranges": ranges.expand(batch, -1, -1)}
+        if quality:
+            outputs["quality_logits"] = torch.cat(quality, dim=2)[:, 0]
+        return outputs
 
-    def encode_targets(self, outputs: dict, targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Targets for every location: classes ``[B, L]`` (-1 background) and ltrb ``[B, L, 4]``."""
-        return encode_dense_targets(targets, outputs["points"][0], outputs["strides"][0], outputs["ranges"][0],
-                                    self.center_radius)
+    def encode_targets(self, outputs: dict, targets: list[dict]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Targets for every location: classes ``[B, L]`` (-1 background), ltrb ``[B, L, 4]``, and
+        with ``score="task_aligned"`` the soft class targets ``[B, L]`` (None otherwise)."""
+        points, strides = outputs["points"], outputs["strides"]
+        if self.score == "task_aligned":
+            return task_aligned_targets(
+                outputs["cls_logits"].detach().sigmoid(),
+                _absolute_boxes(outputs["box_ltrb"].detach(), points, strides), points[0], strides[0], targets,
+                top_k=self.top_k)
+        classes, ltrb = encode_dense_targets(targets, points[0], strides[0], outputs["ranges"][0],
+                                             self.center_radius)
+        return classes, ltrb, None
 
     def loss(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """Focal loss on classes, GIoU on positive boxes, BCE of quality against the IoU reached.
+        """Class loss, GIoU on positive boxes and, with ``score="quality"``, BCE of quality against the IoU.
 
+        By ``score``: ``"quality"`` takes FCOS's positives and sigmoid focal loss against one-hot
+        classes; ``"varifocal"`` the same positives and varifocal loss against the IoU each one's
+        box reaches; ``"task_aligned"`` the positives of :func:`task_aligned_targets` and binary
+        cross-entropy against their soft targets, with each box loss weighted by its target
+        (YOLOv8). Losses are normalised by the number of positives (the sum of the soft targets).
         ``targets``: per image ``{"boxes": [N, 4] normalised xyxy, "labels": [N]}``.
-        Class and box losses are normalised by the number of positive locations in the batch.
         """
-        classes, ltrb = self.encode_targets(outputs, targets)
+        classes, ltrb, soft = self.encode_targets(outputs, targets)
         positive = classes >= 0                                                  # [B, L]
-        num_positive = max(int(positive.sum()), 1)
-        onehot = torch.zeros_like(outputs["cls_logits"])
-        onehot[positive, classes[positive]] = 1.0
-        loss_cls = sigmoid_focal_loss(outputs["cls_logits"], onehot, alpha=self.focal_alpha,
-                                      gamma=self.focal_gamma, reduction="sum") / num_positive
         predicted = _ltrb_to_relative_boxes(outputs["box_ltrb"][positive])       # [P, 4]
         target = _ltrb_to_relative_boxes(ltrb[positive])                          # [P, 4]
-        if positive.any():
-            loss_box = generalized_box_iou_loss(predicted, target, reduction="sum") / num_positive
-            iou = _paired_iou(predicted.detach(), target)
-            loss_quality = F.binary_cross_entropy_with_logits(outputs["quality_logits"][positive], iou)
+        iou = _paired_iou(predicted.detach(), target)                             # [P]
+        cls_target = torch.zeros_like(outputs["cls_logits"])                      # [B, L, K]
+        logits = outputs["cls_logits"]
+        if soft is not None:
+            cls_target[positive, classes[positive]] = soft[positive]
+            normaliser, box_weight = max(float(soft.sum()), 1.0), soft[positive]
+            loss_cls = F.binary_cross_entropy_with_logits(logits, cls_target, reduction="sum")
+        elif self.score == "varifocal":
+            cls_target[positive, classes[positive]] = iou
+            normaliser, box_weight = max(int(positive.sum()), 1), 1.0
+            loss_cls = _varifocal_loss(logits, cls_target)
         else:
-            loss_box = loss_quality = outputs["box_ltrb"].sum() * 0.0
-        parts = {"loss_cls": loss_cls, "loss_box": loss_box, "loss_quality": loss_quality}
+            cls_target[positive, classes[positive]] = 1.0
+            normaliser, box_weight = max(int(positive.sum()), 1), 1.0
+            loss_cls = sigmoid_focal_loss(logits, cls_target, alpha=self.focal_alpha, gamma=self.focal_gamma,
+                                          reduction="sum")
+        parts = {"loss_cls": loss_cls / normaliser}
+        if positive.any():
+            giou = generalized_box_iou_loss(predicted, target, reduction="none")
+            parts["loss_box"] = (giou * box_weight).sum() / normaliser
+        else:
+            parts["loss_box"] = outputs["box_ltrb"].sum() * 0.0
+        if self.score == "quality":
+            parts["loss_quality"] = (F.binary_cross_entropy_with_logits(outputs["quality_logits"][positive], iou)
+                                     if positive.any() else outputs["quality_logits"].sum() * 0.0)
         return {"loss": sum(self.loss_weights[k] * v for k, v in parts.items()), **parts}
 
     @torch.no_grad()
     def metrics(self, outputs: dict, targets: list[dict]) -> dict[str, tuple[float, float]]:
-        """At positive locations: class accuracy (``pos_acc``) and mean IoU of the box (``pos_iou``)."""
-        classes, ltrb = self.encode_targets(outputs, targets)
+        """At positive locations: class accuracy (``pos_acc``) and mean IoU of the box (``pos_iou``).
+
+        With ``score="task_aligned"`` each positive counts by its soft target, as in the loss:
+        most of a box's top-k points have targets near 0 once its best point is found.
+        """
+        classes, ltrb, soft = self.encode_targets(outputs, targets)
         positive = classes >= 0
-        count = float(positive.sum())
-        correct = (outputs["cls_logits"][positive].argmax(dim=1) == classes[positive]).sum()
+        weight = soft[positive] if soft is not None else torch.ones(int(positive.sum()), device=positive.device)
+        correct = outputs["cls_logits"][positive].argmax(dim=1) == classes[positive]
         iou = _paired_iou(_ltrb_to_relative_boxes(outputs["box_ltrb"][positive]),
-                          _ltrb_to_relative_boxes(ltrb[positive])).sum()
-        return {"pos_acc": (float(correct), count), "pos_iou": (float(iou), count)}
+                          _ltrb_to_relative_boxes(ltrb[positive]))
+        count = float(weight.sum())
+        return {"pos_acc": (float((weight * correct).sum()), count), "pos_iou": (float((weight * iou).sum()), count)}
 
     @torch.no_grad()
     def decode(self, outputs: dict, image_sizes: list[tuple[int, int]], classes: list[str],
@@ -229,8 +281,9 @@ class DenseHead(nn.Module):
             classes: the class vocabulary, ``K`` names.
             score_threshold: detections scored below this are dropped.
         """
-        scores = torch.sqrt(outputs["cls_logits"].sigmoid()
-                            * outputs["quality_logits"].sigmoid()[..., None])    # [B, L, K]
+        scores = outputs["cls_logits"].sigmoid()                                  # [B, L, K]
+        if self.score == "quality":
+            scores = torch.sqrt(scores * outputs["quality_logits"].sigmoid()[..., None])
         boxes = _absolute_boxes(outputs["box_ltrb"], outputs["points"], outputs["strides"]).clamp(0.0, 1.0)
         detections = []
         for image_scores, image_boxes, (width, height) in zip(scores, boxes, image_sizes):
@@ -244,6 +297,19 @@ class DenseHead(nn.Module):
             detections.append([Detection(box=candidates[i].tolist(), label=classes[int(label[i])],
                                          score=float(values[i])) for i in kept])
         return detections
+
+
+def _varifocal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.75,
+                    gamma: float = 2.0) -> torch.Tensor:
+    """Summed varifocal loss (Zhang et al., 2021) of logits against soft targets, any equal shapes.
+
+    Positives (target > 0) are weighted by their target IoU, so well-located boxes count
+    most; negatives are down-weighted like focal loss by ``alpha * p^gamma``. Written
+    here because torchvision has only the plain sigmoid focal loss.
+    """
+    probability = logits.sigmoid()
+    weight = torch.where(target > 0, target, alpha * probability.detach().pow(gamma))
+    return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum()
 
 
 def _ltrb_to_relative_boxes(ltrb: torch.Tensor) -> torch.Tensor:
