@@ -16,7 +16,9 @@ built from ``yolo11n.yaml`` (random initialisation, no pretrained weights), trai
 train images exported with the data layer's YOLO writer, at the dense config's input size,
 under a wall-clock budget (``--yolo-minutes``, default: the dense detector's training wall
 time), then predicted with ``conf=0.001`` and scored by the same function. Ultralytics runs
-offline (``YOLO_OFFLINE``), without plots, so it never fetches fonts or weights.
+offline (``YOLO_OFFLINE``), without plots, so it never fetches fonts or weights. It trains
+with ``--threads`` torch threads like the dense detector (ultralytics would otherwise drop to
+``os.cpu_count() - 1``, one thread here) and, as ultralytics does on a CPU, without loader workers.
 
     python benchmarks/neu_det.py --config configs/neu_det_dense.yaml --out runs/bench/neu_det_224
     python benchmarks/neu_det.py --config configs/neu_det_dense.yaml --out runs/bench/yolo_only --skip-dense --yolo-minutes 30
@@ -123,15 +125,22 @@ def export_yolo(data, folder: Path) -> Path:
     return folder / "data.yaml"
 
 
-def run_yolo(data, out: Path, image_size: int, minutes: float, seed: int) -> dict:
+def run_yolo(data, out: Path, image_size: int, minutes: float, seed: int, threads: int) -> dict:
     """YOLO11n from scratch under a wall-clock budget, scored by the same function as the dense detector."""
     os.environ["YOLO_OFFLINE"] = "1"  # no hub, no update checks, no font or weight downloads
     from ultralytics import YOLO
+    from ultralytics.utils import torch_utils
+
+    # Ultralytics resets torch to os.cpu_count() - 1 threads when it picks the CPU: one thread on
+    # this 2-core machine, half of what the dense detector trains with. Give it the same threads.
+    torch_utils.NUM_THREADS = threads
+    used_threads = []
 
     data_yaml = export_yolo(data, out / "yolo_data")
     shutil.rmtree(out / "yolo", ignore_errors=True)
     clock = Clock()
     model = YOLO("yolo11n.yaml")  # architecture only: random initialisation
+    model.add_callback("on_train_epoch_end", lambda trainer: used_threads.append(torch.get_num_threads()))
     model.train(data=str(data_yaml), imgsz=image_size, epochs=1000, time=minutes / 60, batch=16, device="cpu",
                 workers=2, pretrained=False, amp=False, plots=False, val=False, seed=seed, deterministic=False,
                 project=str(out), name="yolo", exist_ok=True, verbose=False)
@@ -149,7 +158,8 @@ def run_yolo(data, out: Path, image_size: int, minutes: float, seed: int) -> dic
                 for b, c, s in zip(boxes.xyxy.tolist(), boxes.cls.tolist(), boxes.conf.tolist())]
 
     result = {"system": "YOLO11n from scratch", "run": str(weights), "input_size": image_size,
-              "budget_minutes": minutes, "training": training}
+              "budget_minutes": minutes, "training": training, "epochs": len(used_threads),
+              "torch_threads": sorted(set(used_threads))}
     for split in ("val", "test"):
         predictions, seconds = predict_timed(predict, data.records[split])
         result[split] = score(data.records[split], predictions, data.classes, seconds)
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         minutes = args.yolo_minutes or (results[0]["training"]["wall_minutes"] if results else None)
         if minutes is None:
             parser.error("--skip-dense needs --yolo-minutes")
-        results.append(run_yolo(data, out, cfg.model.input_size, minutes, cfg.seed))
+        results.append(run_yolo(data, out, cfg.model.input_size, minutes, cfg.seed, args.threads))
 
     summary = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "config": args.config,
                "overrides": args.overrides, "split": str(resolve_path(cfg.data.split_dir)), "threads": args.threads,
