@@ -20,16 +20,17 @@ from metaldefect.models.factory import create_model
 CLASSES = ["crazing", "inclusion", "scratches"]
 
 
-def model_spec(head: str = "dense", input_size: int = 32) -> dict:
+def model_spec(head: str = "dense", input_size: int = 32, **extra_head_kwargs) -> dict:
     head_kwargs = {"scales": [2.0, 1.0], "channels": 32, "max_detections": 20} if head == "dense" else {}
+    head_kwargs.update(extra_head_kwargs)
     return dict(backbone_name="vit_tiny_patch16_224", head_name=head, num_classes=len(CLASSES), pretrained=False,
                 weights_file=None, input_size=input_size, layers=None, head_kwargs=head_kwargs)
 
 
-def make_run(run_dir: Path, head: str = "dense", seed: int = 0, part: str = "model") -> Path:
+def make_run(run_dir: Path, head: str = "dense", seed: int = 0, part: str = "model", **head_kwargs) -> Path:
     """A run directory (checkpoint_best.pt, config.yaml, classes.json, metrics.json) of a random model."""
     torch.manual_seed(seed)
-    spec = model_spec(head)
+    spec = model_spec(head, **head_kwargs)
     model = create_model(**spec)
     with torch.no_grad():
         for parameter in model.head.parameters():

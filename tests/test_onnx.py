@@ -77,6 +77,21 @@ def test_onnx_detector_matches_torch_within_1px_and_1e_3(exported, run_dir):
     assert compared >= 8
 
 
+def test_a_dense_head_without_quality_branch_exports_and_detects_like_torch(tmp_path):
+    run_dir = make_run(tmp_path / "varifocal", seed=2, score="varifocal")
+    out = tmp_path / "varifocal.onnx"
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(out)]) == 0
+    assert "quality_logits" not in {o.name for o in onnx.load(str(out)).graph.output}
+    images = [textured(200, 200, seed=s) for s in range(2)]
+    expected = Detector.load(run_dir, conf=0.3, tile="off").predict_batch(images)
+    got = Detector.load(out, conf=0.3, tile="off").predict_batch(images)
+    assert sum(map(len, expected)) > 0
+    for want, have in zip(expected, got):
+        assert [d.label for d in have] == [d.label for d in want]
+        assert np.abs(np.array([d.score for d in have]) - np.array([d.score for d in want])).max() <= 1e-3
+        assert np.abs(np.array([d.box for d in have]) - np.array([d.box for d in want])).max() <= 1.0
+
+
 def test_onnx_backend_from_a_run_exports_then_runs_the_graph(exported, run_dir, monkeypatch):
     from metaldefect.inference import onnx_export
 
