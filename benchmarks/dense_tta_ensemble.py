@@ -26,7 +26,7 @@ from metaldefect.engine.coco_eval import evaluate_detections
 from metaldefect.engine.run_data import build_data
 
 FLIPS = ("none", "hflip", "vflip", "rot180")  # the views that keep the grid's axes
-AVERAGED = ("cls_logits", "box_ltrb", "quality_logits")
+AVERAGED = ("cls_logits", "box_ltrb", "quality_logits")  # quality_logits: only heads with score="quality"
 
 
 def level_sizes(outputs: dict) -> list[int]:
@@ -39,7 +39,7 @@ def onto_plain_grid(outputs: dict, view: str) -> dict:
     """Per-location outputs of a flipped input ``[B, L, ...]``, mapped back to the unflipped locations."""
     steps = VIEW_STEPS[view]
     mapped = dict(outputs)
-    for key in AVERAGED:
+    for key in AVERAGED & outputs.keys():
         x, parts, start = outputs[key], [], 0
         for count in level_sizes(outputs):
             side = round(count ** 0.5)  # square inputs give square levels
@@ -56,9 +56,14 @@ def onto_plain_grid(outputs: dict, view: str) -> dict:
     return mapped
 
 
+def score_kind(checkpoint: dict) -> str:
+    """The dense head's ``score`` option (``"quality"`` by default)."""
+    return checkpoint["model_spec"]["head_kwargs"].get("score", "quality")
+
+
 def averaged(outputs: list[dict]) -> dict:
     mean = dict(outputs[0])
-    for key in AVERAGED:
+    for key in AVERAGED & mean.keys():
         mean[key] = torch.stack([o[key] for o in outputs]).mean(dim=0)
     return mean
 
@@ -75,9 +80,10 @@ def main() -> None:
     for run, (_, run_classes, checkpoint) in zip(args.runs, loaded):
         same_backbone = {k: v for k, v in checkpoint["model_spec"].items() if k not in ("head_name", "head_kwargs")} \
             == {k: v for k, v in loaded[0][2]["model_spec"].items() if k not in ("head_name", "head_kwargs")}
+        same_score = score_kind(checkpoint) == score_kind(loaded[0][2])  # averaged outputs must mean the same
         if checkpoint["part"] != "head" or checkpoint["model_spec"]["head_name"] != "dense" or not same_backbone \
-                or run_classes != classes:
-            parser.error(f"{run}: not a dense head on the same frozen backbone and classes as {args.runs[0]}")
+                or run_classes != classes or not same_score:
+            parser.error(f"{run}: not a dense head with the same score, frozen backbone and classes as {args.runs[0]}")
     cfg = load_config(f"{args.runs[0]}/config.yaml")
     records = build_data(cfg).records[args.split]
     predictions: dict[str, list] = {}
