@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from metaldefect.config import AUGMENTATIONS
 from metaldefect.data.encoders import encode_first_object, encode_image_labels, encode_slots, image_label, make_target
 from metaldefect.data.records import Record
-from metaldefect.data.transforms import VIEW_STEPS, VIEWS, ZOOM_ORIGINS, ZOOM_SIDE, view_boxes, view_image, view_target
+from metaldefect.data.transforms import VIEWS, view_boxes, view_image, view_target
 from metaldefect.errors import ConfigError, DataError
 from metaldefect.models.heads import create_head, list_heads
 from metaldefect.models.matcher import HungarianMatcher
@@ -61,7 +61,7 @@ def test_first_object_and_padded_slots():
         encode_slots([target([[0, 0, 1, 1]] * 3, [0, 0, 0])], num_slots=2, no_defect=1)
 
 
-@pytest.mark.parametrize("view", VIEW_STEPS)
+@pytest.mark.parametrize("view", VIEWS)
 def test_views_move_boxes_with_the_image(view):
     image = torch.zeros(1, 10, 20)
     image[0, 1:3, 2:6] = 1.0  # a box x 2..6 of 20, y 1..3 of 10
@@ -74,7 +74,7 @@ def test_views_move_boxes_with_the_image(view):
 
 def test_views_are_the_eight_symmetries_of_a_square():
     image = torch.arange(16.0).view(1, 4, 4)
-    seen = {view: view_image(image, view) for view in VIEW_STEPS}
+    seen = {view: view_image(image, view) for view in VIEWS}
     assert len({tuple(x.flatten().tolist()) for x in seen.values()}) == 8
     assert torch.equal(seen["rot90"], torch.from_numpy(np.rot90(image.numpy(), 1, axes=(1, 2)).copy()))
     assert torch.equal(seen["rot270"], torch.from_numpy(np.rot90(image.numpy(), 3, axes=(1, 2)).copy()))
@@ -83,28 +83,6 @@ def test_views_are_the_eight_symmetries_of_a_square():
     assert view_target(original, "none") is original
     assert torch.allclose(view_target(original, "vflip")["boxes"], torch.tensor([[0.1, 0.6, 0.3, 0.8]]))
     assert torch.allclose(view_target(original, "rot90")["boxes"], torch.tensor([[0.2, 0.7, 0.4, 0.9]]))
-
-
-@pytest.mark.parametrize("view", ZOOM_ORIGINS)
-def test_zoom_views_move_boxes_with_the_image(view):
-    image = torch.zeros(1, 40, 40)
-    image[0, 15:27, 12:24] = 1.0  # x 12..24, y 15..27: inside every 30 px crop
-    box = torch.tensor([[12 / 40, 15 / 40, 24 / 40, 27 / 40]])
-    seen, moved = view_image(image, view), view_boxes(box, view)
-    assert seen.shape == image.shape
-    rows, columns = (seen[0] > 0.5).nonzero(as_tuple=True)
-    found = torch.tensor([columns.min(), rows.min(), columns.max() + 1, rows.max() + 1]).float() / 40
-    assert torch.allclose(found, moved[0], atol=1.5 / 40)  # within a pixel and a half of the zoomed block
-    assert moved[0, 2] - moved[0, 0] == pytest.approx((12 / 40) / ZOOM_SIDE)  # a 4/3 zoom
-
-
-def test_zoom_views_clip_boxes_and_drop_those_mostly_cut_off():
-    # zoom_tr shows x 0.25..1, y 0..0.75 of the image.
-    original = target([[0.75, 0.0, 1.0, 0.25], [0.0, 0.0, 0.3, 0.3], [0.2, 0.5, 0.3, 0.6]], [1, 2, 3])
-    seen = view_target(original, "zoom_tr")
-    # The first is whole; of the second 1/6 stays in view (dropped); of the third 1/2 (kept, clipped).
-    assert seen["labels"].tolist() == [1, 3]
-    assert torch.allclose(seen["boxes"], torch.tensor([[2 / 3, 0.0, 1.0, 1 / 3], [0.0, 2 / 3, 1 / 15, 0.8]]))
 
 
 # ---------------------------------------------------------------- registry

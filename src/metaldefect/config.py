@@ -93,8 +93,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
 }
 # The views of metaldefect.data.transforms.VIEWS but "none" (a test keeps the two equal; config stays torch-free).
-AUGMENTATIONS = ("hflip", "vflip", "rot180", "transpose", "rot90", "rot270", "antitranspose",
-                 "zoom_tl", "zoom_tr", "zoom_bl", "zoom_br", "zoom_c")
+AUGMENTATIONS = ("hflip", "vflip", "rot180", "transpose", "rot90", "rot270", "antitranspose")
 FREE_FORM = {"model.head_kwargs"}
 
 
