@@ -8,6 +8,7 @@ import torch
 
 from metaldefect.data.dense_targets import BACKGROUND, dense_locations, encode_dense_targets
 from metaldefect.data.transforms import view_boxes
+from metaldefect.errors import ConfigError
 from metaldefect.models.heads import create_head
 from metaldefect.models.heads.dense import DenseHead
 
@@ -108,10 +109,11 @@ def test_registered_head_outputs_have_the_documented_shapes():
     assert torch.allclose(outputs["strides"][0, [0, 256, 320, 336]], torch.tensor([1 / 16, 1 / 8, 1 / 4, 1 / 2]))
 
 
-@pytest.mark.parametrize("score", ["quality", "varifocal", "task_aligned"])
-def test_loss_decreases_and_the_boxes_are_found_on_a_tiny_overfit_case(score):
+@pytest.mark.parametrize("options", [{"score": "quality"}, {"score": "varifocal"}, {"score": "task_aligned"},
+                                     {"box_bins": 16}], ids=["quality", "varifocal", "task_aligned", "box_bins"])
+def test_loss_decreases_and_the_boxes_are_found_on_a_tiny_overfit_case(options):
     torch.manual_seed(0)
-    head = DenseHead(IN_DIMS, num_classes=4, channels=32, num_convs=1, scales=[1, 0.5], score=score)
+    head = DenseHead(IN_DIMS, num_classes=4, channels=32, num_convs=1, scales=[1, 0.5], **options)
     features = {"layers": [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)]}
     targets = [{"boxes": torch.tensor([[0.1, 0.2, 0.4, 0.6]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[0.5, 0.1, 0.9, 0.5], [0.0, 0.6, 1.0, 1.0]]), "labels": torch.tensor([3, 0])}]
@@ -201,3 +203,53 @@ def test_varifocal_loss_known_answer_weights_positives_by_their_iou():
     negatives = 16 - int(positive.sum())
     expected += negatives * 0.75 * float(p) ** 2 * -math.log(1 - p)
     assert losses["loss_cls"].item() == pytest.approx(expected / int(positive.sum()), rel=1e-5)
+
+
+def test_box_bins_predict_distances_as_the_expectation_of_a_distribution():
+    head = DenseHead(IN_DIMS, num_classes=4, channels=16, num_convs=1, scales=[1, 0.5], box_bins=16)
+    outputs = head({"layers": [torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)]})
+    logits = outputs["box_bin_logits"]
+    assert logits.shape == (2, 16 + 4, 4, 16)
+    expected = (logits.softmax(dim=-1) * torch.arange(16.0)).sum(dim=-1)
+    assert torch.allclose(outputs["box_ltrb"], expected, atol=1e-5)
+    assert head.level_scales is None  # a distribution's range is fixed by its bins
+
+
+def test_distribution_focal_loss_known_answer():
+    head = DenseHead(IN_DIMS, num_classes=1, channels=16, num_convs=1, scales=[1], box_bins=4)
+    outputs = head({"layers": [torch.zeros(1, 16, 4, 4), torch.zeros(1, 16, 4, 4)]})
+    target = [{"boxes": torch.tensor([[0.125, 0.125, 0.625, 0.875]]), "labels": torch.tensor([0])}]
+    classes, ltrb, _ = head.encode_targets(outputs, target)
+    positive = classes[0] >= 0
+    # Every side's distribution is [0.1, 0.2, 0.3, 0.4] over 0..3 strides.
+    probabilities = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    bin_logits = probabilities.log().expand_as(outputs["box_bin_logits"]).clone()
+    losses = head.loss({**outputs, "box_bin_logits": bin_logits}, target)
+    expected = 0.0  # per side: -(w_left log p[i] + w_right log p[i+1]) for a target between i and i + 1
+    for distances in ltrb[0, positive].tolist():
+        for t in distances:
+            t = min(max(t, 0.0), 3 - 1e-4)
+            i = int(t)
+            expected += -((i + 1 - t) * math.log(probabilities[i]) + (t - i) * math.log(probabilities[i + 1])) / 4
+    assert positive.sum() >= 2
+    assert losses["loss_dfl"].item() == pytest.approx(expected / int(positive.sum()), rel=1e-5)
+    assert "loss_dfl" not in DenseHead(IN_DIMS, num_classes=1, channels=16, num_convs=1, scales=[1]).loss(
+        outputs, target)
+
+
+@pytest.mark.parametrize("bins", [-1, 1])
+def test_box_bins_must_be_zero_or_at_least_two(bins):
+    with pytest.raises(ConfigError, match="box_bins"):
+        DenseHead(IN_DIMS, num_classes=1, box_bins=bins)
+
+
+def test_dropout_acts_while_training_only():
+    torch.manual_seed(0)
+    head = DenseHead(IN_DIMS, num_classes=4, channels=16, num_convs=1, scales=[1], dropout=0.5)
+    plain = DenseHead(IN_DIMS, num_classes=4, channels=16, num_convs=1, scales=[1])
+    plain.load_state_dict(head.state_dict())
+    features = {"layers": [torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)]}
+    plain.eval()
+    expected = plain(features)["box_ltrb"]
+    assert torch.equal(head.eval()(features)["box_ltrb"], expected)
+    assert not torch.allclose(head.train()(features)["box_ltrb"], expected)

@@ -77,11 +77,14 @@ def test_onnx_detector_matches_torch_within_1px_and_1e_3(exported, run_dir):
     assert compared >= 8
 
 
-def test_a_dense_head_without_quality_branch_exports_and_detects_like_torch(tmp_path):
-    run_dir = make_run(tmp_path / "varifocal", seed=2, score="varifocal")
-    out = tmp_path / "varifocal.onnx"
+@pytest.mark.parametrize("head_kwargs", [{"score": "varifocal"}, {"box_bins": 16}], ids=["varifocal", "box_bins"])
+def test_dense_head_variants_export_and_detect_like_torch(tmp_path, head_kwargs):
+    run_dir = make_run(tmp_path / "variant", seed=2, **head_kwargs)
+    out = tmp_path / "variant.onnx"
     assert main(["export", str(run_dir), "--format", "onnx", "--out", str(out)]) == 0
-    assert "quality_logits" not in {o.name for o in onnx.load(str(out)).graph.output}
+    graph_outputs = {o.name for o in onnx.load(str(out)).graph.output}
+    assert ("quality_logits" in graph_outputs) == ("score" not in head_kwargs)
+    assert ("box_bin_logits" in graph_outputs) == ("box_bins" in head_kwargs)
     images = [textured(200, 200, seed=s) for s in range(2)]
     expected = Detector.load(run_dir, conf=0.3, tile="off").predict_batch(images)
     got = Detector.load(out, conf=0.3, tile="off").predict_batch(images)

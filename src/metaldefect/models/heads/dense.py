@@ -15,6 +15,12 @@ of FCOS's centerness because the nearest-point fallback for thin boxes, see
 :mod:`metaldefect.data.dense_targets`, has no meaningful centerness). A detection's
 score is ``sqrt(class probability * quality)``.
 
+With ``box_bins=n`` each distance is not regressed directly but predicted as a
+distribution over the whole strides ``0 .. n-1``; the distance is its expectation, and
+a distribution focal loss (GFL, Li et al., 2020; YOLOv8's DFL) pulls the probability
+onto the two whole strides either side of the target. Blurred defect borders make a
+side's position uncertain, and a distribution can say so where one number cannot.
+
 With ``score="varifocal"`` there is no quality branch: the class logits themselves are
 trained towards the IoU reached at positive locations and towards 0 elsewhere with the
 varifocal loss (VarifocalNet, Zhang et al., 2021), so one number ranks detections by
@@ -51,13 +57,15 @@ class SimpleFeaturePyramid(nn.Module):
         layer_dims: channels of each input layer map.
         channels: channels of every pyramid level.
         scales: each level's size relative to the ViT map (2.0 = twice as fine), finest first.
+        dropout: probability of zeroing a whole channel of the normalised layers while training.
     """
 
-    def __init__(self, layer_dims: list[int], channels: int, scales: list[float]):
+    def __init__(self, layer_dims: list[int], channels: int, scales: list[float], dropout: float = 0.0):
         super().__init__()
         if list(scales) != sorted(scales, reverse=True):
             raise ConfigError(f"pyramid scales must go from finest to coarsest, got {scales}")
         self.layer_norms = nn.ModuleList(LayerNorm2d(dim) for dim in layer_dims)
+        self.dropout = nn.Dropout2d(dropout)
         self.fuse = nn.Conv2d(sum(layer_dims), channels, kernel_size=1)
         self.resamplers = nn.ModuleList(self._resampler(scale, channels) for scale in scales)
         self.outputs = nn.ModuleList(
@@ -81,7 +89,8 @@ class SimpleFeaturePyramid(nn.Module):
 
     def forward(self, layers: list[torch.Tensor]) -> list[torch.Tensor]:
         """``layers``: ``[B, D_l, h, w]`` each -> levels ``[B, channels, h * scale, w * scale]``."""
-        fused = self.fuse(torch.cat([norm(x.float()) for norm, x in zip(self.layer_norms, layers)], dim=1))
+        normed = torch.cat([norm(x.float()) for norm, x in zip(self.layer_norms, layers)], dim=1)
+        fused = self.fuse(self.dropout(normed))
         return [output(resample(fused)) for resample, output in zip(self.resamplers, self.outputs)]
 
 
@@ -109,12 +118,17 @@ class DenseHead(nn.Module):
             fraction of the image side; None for FCOS's ``[4, 8)`` strides per level.
         center_radius: positives lie within this many strides of a box centre.
         focal_alpha, focal_gamma: sigmoid focal loss parameters.
-        loss_weights: weights of ``loss_cls``, ``loss_box`` (GIoU), ``loss_quality`` (BCE).
+        loss_weights: weights of ``loss_cls``, ``loss_box`` (GIoU), ``loss_quality`` (BCE) and
+            ``loss_dfl`` (distribution focal loss, with ``box_bins`` only; 0.25 as in GFL).
         nms_iou: IoU above which ``batched_nms`` drops the lower-scored box of a class.
         score: ``"quality"`` (focal class loss plus a quality branch), ``"varifocal"``
             (class logits trained towards the IoU, no quality branch) or ``"task_aligned"``
             (positives chosen by the predictions, see :mod:`.task_aligned`; no quality branch).
         top_k: positives per box with ``score="task_aligned"``.
+        box_bins: 0 to regress each side's distance directly; ``n >= 2`` to predict it as a
+            distribution over ``0 .. n-1`` strides (GFL). FCOS's size ranges keep targets
+            under 8 strides, so 16 bins (YOLOv8's count) leave room.
+        dropout: channel dropout on the concatenated ViT layers before the neck's 1x1 projection.
         pre_nms_top_k, max_detections: candidates kept per image before and after NMS.
     """
 
@@ -125,11 +139,13 @@ class DenseHead(nn.Module):
                  center_radius: float = 1.5, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                  loss_weights: dict[str, float] | None = None, nms_iou: float = 0.6,
                  pre_nms_top_k: int = 1000, max_detections: int = 100, score: str = "quality",
-                 top_k: int = 10):
+                 top_k: int = 10, box_bins: int = 0, dropout: float = 0.0):
         super().__init__()
         if score not in SCORES:
             raise ConfigError(f"dense head score must be one of {', '.join(SCORES)}, got {score!r}")
-        self.score, self.top_k = score, top_k
+        if box_bins < 0 or box_bins == 1:
+            raise ConfigError(f"dense head box_bins must be 0 (direct distances) or at least 2, got {box_bins}")
+        self.score, self.top_k, self.box_bins = score, top_k, box_bins
         layer_dims = list(in_dims.get("layers") or [in_dims["map"]])
         self.num_classes = num_classes
         self.scales = [float(s) for s in scales]
@@ -138,16 +154,19 @@ class DenseHead(nn.Module):
             raise ConfigError(f"{len(self.size_ranges)} size ranges for {len(self.scales)} pyramid scales")
         self.center_radius = center_radius
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
-        self.loss_weights = {"loss_cls": 1.0, "loss_box": 2.0, "loss_quality": 1.0, **(loss_weights or {})}
+        self.loss_weights = {"loss_cls": 1.0, "loss_box": 2.0, "loss_quality": 1.0, "loss_dfl": 0.25,
+                             **(loss_weights or {})}
         self.nms_iou, self.pre_nms_top_k, self.max_detections = nms_iou, pre_nms_top_k, max_detections
 
-        self.neck = SimpleFeaturePyramid(layer_dims, channels, self.scales)
+        self.neck = SimpleFeaturePyramid(layer_dims, channels, self.scales, dropout)
         self.cls_tower = _tower(channels, num_convs)
         self.box_tower = _tower(channels, num_convs)
         self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
-        self.box_ltrb = nn.Conv2d(channels, 4, 3, padding=1)
+        self.box_ltrb = nn.Conv2d(channels, 4 * max(box_bins, 1), 3, padding=1)
         self.quality = nn.Conv2d(channels, 1, 3, padding=1) if score == "quality" else None
-        self.level_scales = nn.Parameter(torch.ones(len(self.scales)))
+        # FCOS's learnt per-level scale of the distances; a distribution's range is fixed by its bins.
+        self.level_scales = None if box_bins else nn.Parameter(torch.ones(len(self.scales)))
+        self.register_buffer("bin_values", torch.arange(float(box_bins)), persistent=False)
         self._reset_predictor()
         self._locations: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
@@ -174,19 +193,26 @@ class DenseHead(nn.Module):
 
         Returns:
             ``"cls_logits"`` ``[B, L, K]``; ``"box_ltrb"`` ``[B, L, 4]`` non-negative distances
-            in strides; ``"quality_logits"`` ``[B, L]`` (``score="quality"`` only); and the
+            in strides; ``"quality_logits"`` ``[B, L]`` (``score="quality"`` only);
+            ``"box_bin_logits"`` ``[B, L, 4, n]`` (``box_bins=n`` only); and the
             locations, the same for every image: ``"points"`` ``[B, L, 2]`` normalised ``(x, y)``,
             ``"strides"`` ``[B, L]`` normalised, ``"ranges"`` ``[B, L, 2]`` the levels' size ranges.
         """
         layers = features.get("layers") or [features["map"]]
         levels = self.neck(list(layers))
-        cls_logits, box_ltrb, quality = [], [], []
-        for level, scale in zip(levels, self.level_scales):
+        cls_logits, box_ltrb, bin_logits, quality = [], [], [], []
+        for index, level in enumerate(levels):
             cls_features = self.cls_tower(level)
             box_features = self.box_tower(level)
             cls_logits.append(self.cls_logits(cls_features).flatten(2))
-            # softplus rather than FCOS's relu: distances stay positive and never lose their gradient.
-            box_ltrb.append(F.softplus(scale * self.box_ltrb(box_features)).flatten(2))
+            box = self.box_ltrb(box_features).flatten(2)                         # [B, 4 * max(n, 1), hw]
+            if self.box_bins:
+                bins = box.unflatten(1, (4, self.box_bins))                      # [B, 4, n, hw]
+                bin_logits.append(bins)
+                box_ltrb.append((bins.softmax(dim=2) * self.bin_values[:, None]).sum(dim=2))
+            else:
+                # softplus rather than FCOS's relu: distances stay positive and never lose their gradient.
+                box_ltrb.append(F.softplus(self.level_scales[index] * box))
             if self.quality is not None:
                 quality.append(self.quality(box_features).flatten(2))
         batch = levels[0].shape[0]
@@ -197,6 +223,8 @@ class DenseHead(nn.Module):
                    "ranges": ranges.expand(batch, -1, -1)}
         if quality:
             outputs["quality_logits"] = torch.cat(quality, dim=2)[:, 0]
+        if bin_logits:
+            outputs["box_bin_logits"] = torch.cat(bin_logits, dim=3).permute(0, 3, 1, 2)
         return outputs
 
     def encode_targets(self, outputs: dict, targets: list[dict]
@@ -249,6 +277,9 @@ class DenseHead(nn.Module):
             parts["loss_box"] = (giou * box_weight).sum() / normaliser
         else:
             parts["loss_box"] = outputs["box_ltrb"].sum() * 0.0
+        if self.box_bins:
+            dfl = _distribution_focal_loss(outputs["box_bin_logits"][positive], ltrb[positive])    # [P]
+            parts["loss_dfl"] = (dfl * box_weight).sum() / normaliser
         if self.score == "quality":
             parts["loss_quality"] = (F.binary_cross_entropy_with_logits(outputs["quality_logits"][positive], iou)
                                      if positive.any() else outputs["quality_logits"].sum() * 0.0)
@@ -310,6 +341,24 @@ def _varifocal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0
     probability = logits.sigmoid()
     weight = torch.where(target > 0, target, alpha * probability.detach().pow(gamma))
     return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum()
+
+
+def _distribution_focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """GFL's distribution focal loss, ``[P]``: logits ``[P, 4, n]`` over whole strides, target distances ``[P, 4]``.
+
+    A target ``t`` between strides ``i`` and ``i + 1`` is the two-point distribution with
+    weights ``i + 1 - t`` and ``t - i``; the loss is its cross-entropy with the prediction,
+    averaged over the four sides. Targets outside ``[0, n - 1]`` (the nearest-point fallback
+    gives slightly negative ones) are clamped into it. Written here because neither torch
+    nor torchvision ships it.
+    """
+    target = target.clamp(0.0, logits.shape[-1] - 1 - 1e-4)
+    left = target.floor().long()
+    right_weight = target - left
+    log_probs = logits.log_softmax(dim=-1)
+    left_log = log_probs.gather(-1, left[..., None])[..., 0]
+    right_log = log_probs.gather(-1, left[..., None] + 1)[..., 0]
+    return -(left_log * (1 - right_weight) + right_log * right_weight).mean(dim=-1)
 
 
 def _ltrb_to_relative_boxes(ltrb: torch.Tensor) -> torch.Tensor:
