@@ -10,8 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image
+from torch.utils.data import DataLoader
+
+from metaldefect.config import load_config
+from metaldefect.data.dataset import ImageDataset, collate
+from metaldefect.engine.engine import evaluate
+from metaldefect.engine.run_data import build_data
 
 CLASSES = ("patches", "pitted_surface", "scratches")
 
@@ -68,3 +75,16 @@ def write_config(path: Path, data_root: Path, cache_dir: Path, head: str = "clas
         config.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def val_loss_from_images(model: torch.nn.Module, config: Path, input_size: int) -> float:
+    """``model``'s val loss on ``config``'s val split, run end to end from the images (no feature cache).
+
+    Batched as training batches it: a dense head normalises its loss by each batch's positives.
+    """
+    cfg = load_config(config)
+    data = build_data(cfg)
+    dataset = ImageDataset(data.records["val"], data.targets["val"], input_size)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, collate_fn=collate)
+    metrics, _ = evaluate(model, loader, torch.device("cpu"), progress=False)
+    return metrics["loss"]

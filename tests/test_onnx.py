@@ -77,7 +77,8 @@ def test_onnx_detector_matches_torch_within_1px_and_1e_3(exported, run_dir):
     assert compared >= 8
 
 
-@pytest.mark.parametrize("head_kwargs", [{"score": "varifocal"}, {"box_bins": 16}], ids=["varifocal", "box_bins"])
+@pytest.mark.parametrize("head_kwargs", [{"score": "varifocal"}, {"box_bins": 16}, {"detail_width": 4}],
+                         ids=["varifocal", "box_bins", "detail_stem"])
 def test_dense_head_variants_export_and_detect_like_torch(tmp_path, head_kwargs):
     run_dir = make_run(tmp_path / "variant", seed=2, **head_kwargs)
     out = tmp_path / "variant.onnx"

@@ -3,19 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from metaldefect.cli import main
-from metaldefect.config import load_config
-from metaldefect.data.dataset import ImageDataset, collate
 from metaldefect.engine.checkpoint import load_checkpoint, load_run
-from metaldefect.engine.engine import evaluate
-from metaldefect.engine.run_data import build_data
 from metaldefect.errors import ConfigError
 from metaldefect.models import create_backbone
 from metaldefect.models.factory import create_model
 from metaldefect.models.tail_tuning import BackboneStem, TunedTail, stem_cut
-from synthetic_defects import make_dataset, write_config
+from synthetic_defects import make_dataset, val_loss_from_images, write_config
 
 SIZE = 56  # a 4 x 4 patch grid of ViT-S/14
 
@@ -47,15 +42,6 @@ def test_only_a_vit_with_a_frozen_block_left_can_be_tuned():
         stem_cut(create_backbone("paper_cnn", pretrained=False, input_size=32), 1)
 
 
-def val_loss(model, config) -> float:
-    """The model's val loss computed end to end from the images (no feature cache)."""
-    data = build_data(load_config(config))
-    dataset = ImageDataset(data.records["val"], data.targets["val"], SIZE)
-    metrics, _ = evaluate(model, DataLoader(dataset, batch_size=8, collate_fn=collate), torch.device("cpu"),
-                          progress=False)
-    return metrics["loss"]
-
-
 def test_a_tuned_run_stores_its_blocks_and_reloads_them(tmp_path):
     data = make_dataset(tmp_path / "NEU", images=24)
     config = write_config(tmp_path / "tuned.yaml", data, tmp_path / "cache", "dense",
@@ -81,7 +67,7 @@ def test_a_tuned_run_stores_its_blocks_and_reloads_them(tmp_path):
     assert torch.equal(model.backbone.model.blocks[9].mlp.fc1.weight, initial["model.blocks.9.mlp.fc1.weight"])
     # The reloaded model, run end to end on the images, scores what training scored on the cached
     # stem (which holds fp16 tokens, hence the tolerance).
-    assert val_loss(model, config) == pytest.approx(checkpoint["metrics"]["loss"], rel=2e-3)
+    assert val_loss_from_images(model, config, SIZE) == pytest.approx(checkpoint["metrics"]["loss"], rel=2e-3)
 
     # A tuned run resumes (it reloads through load_trained, checked above) and goes on tuning.
     before = load_checkpoint(run / "checkpoint_last.pt")["state"][tuned]

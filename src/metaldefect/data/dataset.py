@@ -7,6 +7,7 @@ workers, which torch seeds from it) makes them reproducible.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -45,6 +46,20 @@ class ImageDataset(Dataset):
             view = random_view(self.views)
             image, target = view_image(image, view), view_target(target, view)
         return image, target
+
+
+def with_images(source: FeatureSource, paths: Sequence[str | Path], input_size: int) -> FeatureSource:
+    """``source`` whose feature dicts also hold ``"image"`` ``[3, S, S]``: image ``paths[index]`` resized
+    as for the backbone and seen in the view, for a head that learns from the pixels too.
+
+    Reading and resizing a 200 px NEU-DET image takes under a millisecond, so images are read
+    afresh each time rather than held in memory.
+    """
+    def source_with_image(index: int, view: str) -> dict:
+        features = source(index, view)
+        features["image"] = view_image(to_input_tensor(load_image(paths[index]), input_size), view)
+        return features
+    return source_with_image
 
 
 class FeatureDataset(Dataset):

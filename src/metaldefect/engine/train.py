@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from metaldefect.config import Config, resolve_path, save_config
-from metaldefect.data.dataset import FeatureDataset, ImageDataset, collate
+from metaldefect.data.dataset import FeatureDataset, ImageDataset, collate, with_images
 from metaldefect.engine import distributed
 from metaldefect.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from metaldefect.engine.engine import evaluate, train_one_epoch, unwrap
@@ -106,6 +106,10 @@ def build_loaders(cfg: Config, data: RunData, model: DefectModel, dist: distribu
         datasets = {name: FeatureDataset(_source(feature_sets, [str(r.path) for r in data.records[name]]),
                                          data.targets[name], views if name == "train" else ())
                     for name in SPLITS}
+        if getattr(model.head, "needs_image", False):  # the head learns from the pixels as well
+            for name, dataset in datasets.items():
+                dataset.source = with_images(dataset.source, [r.path for r in data.records[name]],
+                                             cfg.model.input_size)
     else:
         datasets = {name: ImageDataset(data.records[name], data.targets[name], cfg.model.input_size,
                                        views if name == "train" else ())

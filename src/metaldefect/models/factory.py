@@ -29,7 +29,10 @@ class DefectModel(nn.Module):
         return self.head.task
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.head(self.backbone(images))
+        features = self.backbone(images)
+        if getattr(self.head, "needs_image", False):  # a head that learns from the pixels too
+            features["image"] = images
+        return self.head(features)
 
     def forward_head(self, features: dict) -> dict[str, torch.Tensor]:
         return self.head(features)

@@ -114,8 +114,11 @@ class TunedTail(nn.Module):
             if index in backbone.layers:
                 layers.append(_tokens_to_map(vit.norm(x)[:, prefix:], grid))
         final = vit.norm(x)
-        return {"pooled": vit.forward_head(final, pre_logits=True),
-                "map": _tokens_to_map(final[:, prefix:], grid), "layers": layers}
+        features = {"pooled": vit.forward_head(final, pre_logits=True),
+                    "map": _tokens_to_map(final[:, prefix:], grid), "layers": layers}
+        if "image" in stem:  # for a head that reads the pixels too (see DenseHead.needs_image)
+            features["image"] = stem["image"]
+        return features
 
     def forward(self, stem: dict) -> dict[str, torch.Tensor]:
         return self.model.head(self.features(stem))

@@ -28,6 +28,11 @@ both class and box quality and is trained at every location, not only positive o
 ``score="task_aligned"`` goes further and lets the predictions choose the positives
 (YOLOv8's task-aligned assignment, :mod:`metaldefect.models.heads.task_aligned`).
 
+With ``detail_width=w`` a small CNN (:mod:`metaldefect.models.heads.detail_stem`) learns
+features from the image itself, trained with the head, and adds its stride-8 and
+stride-16 maps to the pyramid levels of scale 2 and 1: the frozen ViT's 12.5 px patches
+are coarser than NEU-DET's thinnest defects.
+
 Shapes: ``B`` images, ``L`` locations over all levels (finest first, row-major),
 ``K`` classes.
 """
@@ -45,6 +50,7 @@ from metaldefect.data.dense_targets import dense_locations, encode_dense_targets
 from metaldefect.data.records import Detection
 from metaldefect.errors import ConfigError
 from metaldefect.models.heads import register_head
+from metaldefect.models.heads.detail_stem import DetailStem
 from metaldefect.models.heads.task_aligned import task_aligned_targets
 
 SCORES = ("quality", "varifocal", "task_aligned")
@@ -58,16 +64,22 @@ class SimpleFeaturePyramid(nn.Module):
         channels: channels of every pyramid level.
         scales: each level's size relative to the ViT map (2.0 = twice as fine), finest first.
         dropout: probability of zeroing a whole channel of the normalised layers while training.
+        detail_dims: channels of learnt image maps by scale (:class:`.DetailStem`'s ``dims``); a level
+            of that scale adds a 1x1 projection of the map to its resampled ViT map (FPN's lateral).
     """
 
-    def __init__(self, layer_dims: list[int], channels: int, scales: list[float], dropout: float = 0.0):
+    def __init__(self, layer_dims: list[int], channels: int, scales: list[float], dropout: float = 0.0,
+                 detail_dims: dict[float, int] | None = None):
         super().__init__()
         if list(scales) != sorted(scales, reverse=True):
             raise ConfigError(f"pyramid scales must go from finest to coarsest, got {scales}")
+        self.scales = [float(scale) for scale in scales]
         self.layer_norms = nn.ModuleList(LayerNorm2d(dim) for dim in layer_dims)
         self.dropout = nn.Dropout2d(dropout)
         self.fuse = nn.Conv2d(sum(layer_dims), channels, kernel_size=1)
         self.resamplers = nn.ModuleList(self._resampler(scale, channels) for scale in scales)
+        self.laterals = nn.ModuleDict({str(index): nn.Conv2d(detail_dims[scale], channels, kernel_size=1)
+                                       for index, scale in enumerate(scales) if scale in (detail_dims or {})})
         self.outputs = nn.ModuleList(
             nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), LayerNorm2d(channels),
                           nn.Conv2d(channels, channels, 3, padding=1, bias=False), LayerNorm2d(channels))
@@ -87,11 +99,19 @@ class SimpleFeaturePyramid(nn.Module):
             return nn.MaxPool2d(kernel_size=factor, stride=factor)
         raise ConfigError(f"pyramid scale must be 4, 2, 1 or 1/2^k, got {scale}")
 
-    def forward(self, layers: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``layers``: ``[B, D_l, h, w]`` each -> levels ``[B, channels, h * scale, w * scale]``."""
+    def forward(self, layers: list[torch.Tensor], detail: dict[float, torch.Tensor] | None = None
+                ) -> list[torch.Tensor]:
+        """``layers``: ``[B, D_l, h, w]`` each -> levels ``[B, channels, h * scale, w * scale]``.
+
+        ``detail``: the learnt maps by scale, ``[B, detail_dims[scale], h * scale, w * scale]``
+        (needed when ``detail_dims`` was given).
+        """
         normed = torch.cat([norm(x.float()) for norm, x in zip(self.layer_norms, layers)], dim=1)
         fused = self.fuse(self.dropout(normed))
-        return [output(resample(fused)) for resample, output in zip(self.resamplers, self.outputs)]
+        levels = [resample(fused) for resample in self.resamplers]
+        for index, lateral in self.laterals.items():
+            levels[int(index)] = levels[int(index)] + lateral(detail[self.scales[int(index)]])
+        return [output(level) for output, level in zip(self.outputs, levels)]
 
 
 def _tower(channels: int, num_convs: int) -> nn.Sequential:
@@ -129,6 +149,9 @@ class DenseHead(nn.Module):
             distribution over ``0 .. n-1`` strides (GFL). FCOS's size ranges keep targets
             under 8 strides, so 16 bins (YOLOv8's count) leave room.
         dropout: channel dropout on the concatenated ViT layers before the neck's 1x1 projection.
+        detail_width: 0 for none, else the first width of a :class:`.DetailStem` learnt on the image,
+            whose stride-8 and stride-16 maps are added to the levels of scale 2 and 1 (the head then
+            reads ``features["image"]``, see ``needs_image``).
         pre_nms_top_k, max_detections: candidates kept per image before and after NMS.
     """
 
@@ -139,7 +162,7 @@ class DenseHead(nn.Module):
                  center_radius: float = 1.5, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                  loss_weights: dict[str, float] | None = None, nms_iou: float = 0.6,
                  pre_nms_top_k: int = 1000, max_detections: int = 100, score: str = "quality",
-                 top_k: int = 10, box_bins: int = 0, dropout: float = 0.0):
+                 top_k: int = 10, box_bins: int = 0, dropout: float = 0.0, detail_width: int = 0):
         super().__init__()
         if score not in SCORES:
             raise ConfigError(f"dense head score must be one of {', '.join(SCORES)}, got {score!r}")
@@ -158,7 +181,13 @@ class DenseHead(nn.Module):
                              **(loss_weights or {})}
         self.nms_iou, self.pre_nms_top_k, self.max_detections = nms_iou, pre_nms_top_k, max_detections
 
-        self.neck = SimpleFeaturePyramid(layer_dims, channels, self.scales, dropout)
+        if detail_width < 0 or (detail_width and not {2.0, 1.0} & set(self.scales)):
+            raise ConfigError(f"dense head detail_width must be 0 or positive, with a pyramid scale of 2 or 1; "
+                              f"got {detail_width} with scales {self.scales}")
+        self.detail = DetailStem(detail_width) if detail_width else None
+        self.needs_image = self.detail is not None  # DefectModel and the feature loader add features["image"]
+        self.neck = SimpleFeaturePyramid(layer_dims, channels, self.scales, dropout,
+                                         self.detail.dims if self.detail is not None else None)
         self.cls_tower = _tower(channels, num_convs)
         self.box_tower = _tower(channels, num_convs)
         self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
@@ -189,7 +218,8 @@ class DenseHead(nn.Module):
         """Per-location predictions.
 
         Args:
-            features: ``{"layers": [[B, D_l, h, w], ...], "map": [B, D, h, w], ...}``.
+            features: ``{"layers": [[B, D_l, h, w], ...], "map": [B, D, h, w], ...}``, and
+                ``"image"`` ``[B, 1 or 3, S, S]`` in [0, 1] when ``needs_image``.
 
         Returns:
             ``"cls_logits"`` ``[B, L, K]``; ``"box_ltrb"`` ``[B, L, 4]`` non-negative distances
@@ -199,7 +229,12 @@ class DenseHead(nn.Module):
             ``"strides"`` ``[B, L]`` normalised, ``"ranges"`` ``[B, L, 2]`` the levels' size ranges.
         """
         layers = features.get("layers") or [features["map"]]
-        levels = self.neck(list(layers))
+        detail = None
+        if self.detail is not None:
+            if "image" not in features:
+                raise ValueError("the dense head's detail stem needs the image: features['image'] is missing")
+            detail = self.detail(features["image"], grid=layers[0].shape[-1])
+        levels = self.neck(list(layers), detail)
         cls_logits, box_ltrb, bin_logits, quality = [], [], [], []
         for index, level in enumerate(levels):
             cls_features = self.cls_tower(level)
