@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from metaldefect.config import AUGMENTATIONS
 from metaldefect.data.encoders import encode_first_object, encode_image_labels, encode_slots, image_label, make_target
 from metaldefect.data.records import Record
-from metaldefect.data.transforms import VIEWS, view_boxes, view_image, view_target
+from metaldefect.data.transforms import SHIFT, VIEW_STEPS, VIEWS, view_boxes, view_image, view_target
 from metaldefect.errors import ConfigError, DataError
 from metaldefect.models.heads import create_head, list_heads
 from metaldefect.models.matcher import HungarianMatcher
@@ -63,18 +63,18 @@ def test_first_object_and_padded_slots():
 
 @pytest.mark.parametrize("view", VIEWS)
 def test_views_move_boxes_with_the_image(view):
-    image = torch.zeros(1, 10, 20)
-    image[0, 1:3, 2:6] = 1.0  # a box x 2..6 of 20, y 1..3 of 10
-    box = torch.tensor([[2 / 20, 1 / 10, 6 / 20, 3 / 10]])
+    image = torch.zeros(1, 32, 64)  # a shift view moves it by whole pixels: 2 right, 1 down
+    image[0, 4:12, 8:24] = 1.0  # a box x 8..24 of 64, y 4..12 of 32
+    box = torch.tensor([[8 / 64, 4 / 32, 24 / 64, 12 / 32]])
     seen, moved = view_image(image, view), view_boxes(box, view)
     height, width = seen.shape[1:]
     x1, y1, x2, y2 = (moved[0] * torch.tensor([width, height, width, height])).round().int().tolist()
-    assert seen[0, y1:y2, x1:x2].sum() == (x2 - x1) * (y2 - y1) == seen.sum() == 8
+    assert seen[0, y1:y2, x1:x2].sum() == (x2 - x1) * (y2 - y1) == seen.sum() == 128
 
 
 def test_views_are_the_eight_symmetries_of_a_square():
     image = torch.arange(16.0).view(1, 4, 4)
-    seen = {view: view_image(image, view) for view in VIEWS}
+    seen = {view: view_image(image, view) for view in VIEW_STEPS}
     assert len({tuple(x.flatten().tolist()) for x in seen.values()}) == 8
     assert torch.equal(seen["rot90"], torch.from_numpy(np.rot90(image.numpy(), 1, axes=(1, 2)).copy()))
     assert torch.equal(seen["rot270"], torch.from_numpy(np.rot90(image.numpy(), 3, axes=(1, 2)).copy()))
@@ -83,6 +83,19 @@ def test_views_are_the_eight_symmetries_of_a_square():
     assert view_target(original, "none") is original
     assert torch.allclose(view_target(original, "vflip")["boxes"], torch.tensor([[0.1, 0.6, 0.3, 0.8]]))
     assert torch.allclose(view_target(original, "rot90")["boxes"], torch.tensor([[0.2, 0.7, 0.4, 0.9]]))
+
+
+def test_shift_views_fill_the_border_with_the_edge_and_drop_boxes_pushed_out():
+    image = torch.arange(64.0 * 64).view(1, 64, 64)
+    seen = view_image(image, "shift_rd")  # 2 px right and down
+    assert torch.equal(seen[:, 2:, 2:], image[:, :62, :62])
+    assert torch.equal(seen[:, 2:, 0], image[:, :62, 0]) and torch.equal(seen[:, 0, 2:], image[:, 0, :62])
+    # The first box is clipped at the right side; the second lies wholly in the last 1/32 and leaves.
+    original = target([[0.5, 0.1, 0.99, 0.2], [0.975, 0.3, 1.0, 0.4], [0.1, 0.5, 0.2, 0.6]], [1, 2, 3])
+    shifted = view_target(original, "shift_r")
+    assert shifted["labels"].tolist() == [1, 3]
+    expected = torch.tensor([[0.5 + SHIFT, 0.1, 1.0, 0.2], [0.1 + SHIFT, 0.5, 0.2 + SHIFT, 0.6]])
+    assert torch.allclose(shifted["boxes"], expected)
 
 
 # ---------------------------------------------------------------- registry

@@ -93,7 +93,8 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
 }
 # The views of metaldefect.data.transforms.VIEWS but "none" (a test keeps the two equal; config stays torch-free).
-AUGMENTATIONS = ("hflip", "vflip", "rot180", "transpose", "rot90", "rot270", "antitranspose")
+AUGMENTATIONS = ("hflip", "vflip", "rot180", "transpose", "rot90", "rot270", "antitranspose",
+                 "shift_r", "shift_d", "shift_rd")
 FREE_FORM = {"model.head_kwargs"}
 
 

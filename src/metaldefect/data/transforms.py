@@ -2,9 +2,10 @@
 
 Boxes here are normalised xyxy (``[N, 4]`` in [0, 1]). The resize is uniform per axis,
 so normalised boxes are unchanged by it. A view is one of the eight symmetries of a
-square (the dihedral group: flips, quarter turns, transposes); it moves the boxes with
-the image. The same views are what the feature cache stores ("hflip", "rot90", ...), so
-cached and end-to-end training see the same augmentation.
+square (the dihedral group: flips, quarter turns, transposes) or a shift by half a ViT
+patch ("shift_r", "shift_d", "shift_rd"); it moves the boxes with the image. The same views
+are what the feature cache stores ("hflip", "rot90", ...), so cached and end-to-end
+training see the same augmentation.
 """
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ import torch.nn.functional as F
 # Quarter turns are counter-clockwise as seen on screen (numpy's rot90).
 VIEW_STEPS = {"none": "", "hflip": "h", "vflip": "v", "rot180": "hv", "transpose": "t", "rot90": "tv",
               "rot270": "th", "antitranspose": "thv"}
-VIEWS = tuple(VIEW_STEPS)
+# Shift views: the image moved right and/or down by SHIFT of its side, the uncovered border
+# filled by repeating the edge pixels, boxes moved with it and clipped. 1/32 is half a patch
+# of ViT-S/14 at 224 px: a frozen ViT sees each box side at another place inside its patch,
+# which flips cannot give (they keep an edge's offset in its patch, mirrored).
+SHIFT = 1 / 32
+SHIFT_STEPS = {"shift_r": (1, 0), "shift_d": (0, 1), "shift_rd": (1, 1)}
+VIEWS = (*VIEW_STEPS, *SHIFT_STEPS)
 
 
 def _steps(view: str) -> str:
@@ -37,7 +44,13 @@ def to_input_tensor(image: np.ndarray, size: int) -> torch.Tensor:
 
 
 def view_boxes(boxes: torch.Tensor, view: str) -> torch.Tensor:
-    """Normalised xyxy boxes ``[N, 4]`` moved as :func:`view_image` moves the image."""
+    """Normalised xyxy boxes ``[N, 4]`` moved as :func:`view_image` moves the image.
+
+    Shift views clip the boxes to the image; :func:`view_target` drops those left empty.
+    """
+    if view in SHIFT_STEPS:
+        dx, dy = SHIFT_STEPS[view]
+        return (boxes + boxes.new_tensor([dx, dy, dx, dy]) * SHIFT).clamp(0.0, 1.0)
     for step in _steps(view):
         if step == "t":
             boxes = boxes[:, [1, 0, 3, 2]]
@@ -50,16 +63,36 @@ def view_boxes(boxes: torch.Tensor, view: str) -> torch.Tensor:
 
 def view_image(image: torch.Tensor, view: str) -> torch.Tensor:
     """An image tensor ``[..., H, W]`` seen in ``view`` (a transpose makes it ``[..., W, H]``)."""
+    if view in SHIFT_STEPS:
+        return _shift_image(image, *SHIFT_STEPS[view])
     for step in _steps(view):
         image = image.transpose(-1, -2) if step == "t" else image.flip(-1 if step == "h" else -2)
     return image
 
 
+def _shift_image(image: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """``image`` ``[..., H, W]`` moved right by ``dx`` and down by ``dy`` times ``SHIFT`` of its side.
+
+    The shift is rounded to whole pixels (exact at 224 px: 7 px); edge pixels fill the border.
+    """
+    height, width = image.shape[-2:]
+    right, down = round(dx * SHIFT * width), round(dy * SHIFT * height)
+    kept = image[..., :height - down, :width - right].reshape(-1, 1, height - down, width - right)
+    return F.pad(kept.float(), (right, 0, down, 0), mode="replicate").reshape(image.shape).to(image.dtype)
+
+
 def view_target(target: dict, view: str) -> dict:
-    """A copy of a generic target with its boxes moved for ``view`` (the target itself for "none")."""
+    """A copy of a generic target with its boxes moved for ``view`` (the target itself for "none").
+
+    A shift view drops the boxes it pushes wholly out of the image, with their labels.
+    """
     if view == "none":
         return target
-    return {**target, "boxes": view_boxes(target["boxes"], view)}
+    boxes = view_boxes(target["boxes"], view)
+    if view not in SHIFT_STEPS:
+        return {**target, "boxes": boxes}
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return {**target, "boxes": boxes[keep], "labels": target["labels"][keep]}
 
 
 def random_view(views: tuple[str, ...] | list[str], generator: torch.Generator | None = None) -> str:
