@@ -20,7 +20,8 @@ VIEW_STEPS = {"none": "", "hflip": "h", "vflip": "v", "rot180": "hv", "transpose
 # Shift views: the image moved right and/or down by SHIFT of its side, the uncovered border
 # filled by repeating the edge pixels, boxes moved with it and clipped. 1/32 is half a patch
 # of ViT-S/14 at 224 px: a frozen ViT sees each box side at another place inside its patch,
-# which flips cannot give (they keep an edge's offset in its patch, mirrored).
+# which flips cannot give (they keep an edge's offset in its patch, mirrored). The fraction is
+# fixed, so at 448 px it is a whole patch: a plain translation, no new offset.
 SHIFT = 1 / 32
 SHIFT_STEPS = {"shift_r": (1, 0), "shift_d": (0, 1), "shift_rd": (1, 1)}
 VIEWS = (*VIEW_STEPS, *SHIFT_STEPS)
