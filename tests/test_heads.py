@@ -63,7 +63,7 @@ def test_first_object_and_padded_slots():
 
 @pytest.mark.parametrize("view", VIEWS)
 def test_views_move_boxes_with_the_image(view):
-    image = torch.zeros(1, 32, 64)  # a shift view moves it by whole pixels: 2 right, 1 down
+    image = torch.zeros(1, 32, 64)  # a shift view moves it by whole pixels (shift_rd: 2 right, 1 down)
     image[0, 4:12, 8:24] = 1.0  # a box x 8..24 of 64, y 4..12 of 32
     box = torch.tensor([[8 / 64, 4 / 32, 24 / 64, 12 / 32]])
     seen, moved = view_image(image, view), view_boxes(box, view)
@@ -96,6 +96,17 @@ def test_shift_views_fill_the_border_with_the_edge_and_drop_boxes_pushed_out():
     assert shifted["labels"].tolist() == [1, 3]
     expected = torch.tensor([[0.5 + SHIFT, 0.1, 1.0, 0.2], [0.1 + SHIFT, 0.5, 0.2 + SHIFT, 0.6]])
     assert torch.allclose(shifted["boxes"], expected)
+
+
+@pytest.mark.parametrize("view, right, down", [("shift_r", 7, 0), ("shift_rd_quarter", 4, 4),
+                                               ("shift_rd_3quarter", 10, 10)])
+def test_shift_views_move_whole_pixels_at_224(view, right, down):
+    # Image and boxes must move by the same amount, or the targets would be off by a fraction of a pixel.
+    image = torch.arange(224.0 * 224).view(1, 224, 224)
+    assert torch.equal(view_image(image, view)[:, down:, right:], image[:, :224 - down, :224 - right])
+    box = torch.tensor([[0.25, 0.25, 0.5, 0.5]])
+    expected = torch.tensor([56.0 + right, 56 + down, 112 + right, 112 + down])
+    assert torch.allclose(view_boxes(box, view)[0] * 224, expected)
 
 
 # ---------------------------------------------------------------- registry

@@ -2,8 +2,8 @@
 
 Boxes here are normalised xyxy (``[N, 4]`` in [0, 1]). The resize is uniform per axis,
 so normalised boxes are unchanged by it. A view is one of the eight symmetries of a
-square (the dihedral group: flips, quarter turns, transposes) or a shift by half a ViT
-patch ("shift_r", "shift_d", "shift_rd"); it moves the boxes with the image. The same views
+square (the dihedral group: flips, quarter turns, transposes) or a shift by part of a ViT
+patch ("shift_r", "shift_d", "shift_rd", ...); it moves the boxes with the image. The same views
 are what the feature cache stores ("hflip", "rot90", ...), so cached and end-to-end
 training see the same augmentation.
 """
@@ -17,13 +17,16 @@ import torch.nn.functional as F
 # Quarter turns are counter-clockwise as seen on screen (numpy's rot90).
 VIEW_STEPS = {"none": "", "hflip": "h", "vflip": "v", "rot180": "hv", "transpose": "t", "rot90": "tv",
               "rot270": "th", "antitranspose": "thv"}
-# Shift views: the image moved right and/or down by SHIFT of its side, the uncovered border
-# filled by repeating the edge pixels, boxes moved with it and clipped. 1/32 is half a patch
-# of ViT-S/14 at 224 px: a frozen ViT sees each box side at another place inside its patch,
-# which flips cannot give (they keep an edge's offset in its patch, mirrored). The fraction is
-# fixed, so at 448 px it is a whole patch: a plain translation, no new offset.
+# Shift views: the image moved right and/or down by a fraction of its side, the uncovered border
+# filled by repeating the edge pixels, boxes moved with it and clipped. A frozen ViT then sees each
+# box side at another place inside its patch, which flips cannot give (they keep an edge's offset in
+# its patch, mirrored). SHIFT, 1/32, is half a patch of ViT-S/14 at 224 px (7 px); the "_quarter" and
+# "_3quarter" views move by 4 and 10 px there (1/56 and 5/112: whole pixels at 224 px, so the
+# boxes move exactly as the image does), about a quarter and three quarters of a patch. The fractions
+# are fixed, so at other sizes the offsets inside a patch differ (at 448 px, 1/32 is a whole patch).
 SHIFT = 1 / 32
-SHIFT_STEPS = {"shift_r": (1, 0), "shift_d": (0, 1), "shift_rd": (1, 1)}
+SHIFT_STEPS = {"shift_r": (SHIFT, 0.0), "shift_d": (0.0, SHIFT), "shift_rd": (SHIFT, SHIFT),
+               "shift_rd_quarter": (1 / 56, 1 / 56), "shift_rd_3quarter": (5 / 112, 5 / 112)}
 VIEWS = (*VIEW_STEPS, *SHIFT_STEPS)
 
 
@@ -51,7 +54,7 @@ def view_boxes(boxes: torch.Tensor, view: str) -> torch.Tensor:
     """
     if view in SHIFT_STEPS:
         dx, dy = SHIFT_STEPS[view]
-        return (boxes + boxes.new_tensor([dx, dy, dx, dy]) * SHIFT).clamp(0.0, 1.0)
+        return (boxes + boxes.new_tensor([dx, dy, dx, dy])).clamp(0.0, 1.0)
     for step in _steps(view):
         if step == "t":
             boxes = boxes[:, [1, 0, 3, 2]]
@@ -71,13 +74,13 @@ def view_image(image: torch.Tensor, view: str) -> torch.Tensor:
     return image
 
 
-def _shift_image(image: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """``image`` ``[..., H, W]`` moved right by ``dx`` and down by ``dy`` times ``SHIFT`` of its side.
+def _shift_image(image: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """``image`` ``[..., H, W]`` moved right by ``dx`` and down by ``dy`` of its side.
 
-    The shift is rounded to whole pixels (exact at 224 px: 7 px); edge pixels fill the border.
+    The shift is rounded to whole pixels (exact at 224 px); edge pixels fill the border.
     """
     height, width = image.shape[-2:]
-    right, down = round(dx * SHIFT * width), round(dy * SHIFT * height)
+    right, down = round(dx * width), round(dy * height)
     kept = image[..., :height - down, :width - right].reshape(-1, 1, height - down, width - right)
     return F.pad(kept.float(), (right, 0, down, 0), mode="replicate").reshape(image.shape).to(image.dtype)
 
