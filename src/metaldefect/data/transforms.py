@@ -25,9 +25,9 @@ VIEW_STEPS = {"none": "", "hflip": "h", "vflip": "v", "rot180": "hv", "transpose
 # boxes move exactly as the image does), about a quarter and three quarters of a patch. The fractions
 # are fixed, so at other sizes the offsets inside a patch differ (at 448 px, 1/32 is a whole patch).
 SHIFT = 1 / 32
-SHIFT_STEPS = {"shift_r": (SHIFT, 0.0), "shift_d": (0.0, SHIFT), "shift_rd": (SHIFT, SHIFT),
+SHIFTS = {"shift_r": (SHIFT, 0.0), "shift_d": (0.0, SHIFT), "shift_rd": (SHIFT, SHIFT),
                "shift_rd_quarter": (1 / 56, 1 / 56), "shift_rd_3quarter": (5 / 112, 5 / 112)}
-VIEWS = (*VIEW_STEPS, *SHIFT_STEPS)
+VIEWS = (*VIEW_STEPS, *SHIFTS)
 
 
 def _steps(view: str) -> str:
@@ -52,8 +52,8 @@ def view_boxes(boxes: torch.Tensor, view: str) -> torch.Tensor:
 
     Shift views clip the boxes to the image; :func:`view_target` drops those left empty.
     """
-    if view in SHIFT_STEPS:
-        dx, dy = SHIFT_STEPS[view]
+    if view in SHIFTS:
+        dx, dy = SHIFTS[view]
         return (boxes + boxes.new_tensor([dx, dy, dx, dy])).clamp(0.0, 1.0)
     for step in _steps(view):
         if step == "t":
@@ -67,8 +67,8 @@ def view_boxes(boxes: torch.Tensor, view: str) -> torch.Tensor:
 
 def view_image(image: torch.Tensor, view: str) -> torch.Tensor:
     """An image tensor ``[..., H, W]`` seen in ``view`` (a transpose makes it ``[..., W, H]``)."""
-    if view in SHIFT_STEPS:
-        return _shift_image(image, *SHIFT_STEPS[view])
+    if view in SHIFTS:
+        return _shift_image(image, *SHIFTS[view])
     for step in _steps(view):
         image = image.transpose(-1, -2) if step == "t" else image.flip(-1 if step == "h" else -2)
     return image
@@ -93,7 +93,7 @@ def view_target(target: dict, view: str) -> dict:
     if view == "none":
         return target
     boxes = view_boxes(target["boxes"], view)
-    if view not in SHIFT_STEPS:
+    if view not in SHIFTS:
         return {**target, "boxes": boxes}
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     return {**target, "boxes": boxes[keep], "labels": target["labels"][keep]}
