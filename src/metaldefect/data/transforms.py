@@ -26,7 +26,7 @@ VIEW_STEPS = {"none": "", "hflip": "h", "vflip": "v", "rot180": "hv", "transpose
 # are fixed, so at other sizes the offsets inside a patch differ (at 448 px, 1/32 is a whole patch).
 SHIFT = 1 / 32
 SHIFTS = {"shift_r": (SHIFT, 0.0), "shift_d": (0.0, SHIFT), "shift_rd": (SHIFT, SHIFT),
-               "shift_rd_quarter": (1 / 56, 1 / 56), "shift_rd_3quarter": (5 / 112, 5 / 112)}
+          "shift_rd_quarter": (1 / 56, 1 / 56), "shift_rd_3quarter": (5 / 112, 5 / 112)}
 VIEWS = (*VIEW_STEPS, *SHIFTS)
 
 
