@@ -68,6 +68,7 @@ class TrainConfig:
     monitor_mode: str = "min"
     early_stopping: int = 0  # patience in epochs without improvement of `monitor`; 0 = off
     grad_clip: float = 0.0  # max gradient norm; 0 = off
+    ema_decay: float = 0.0  # exponential moving average of the trained weights, evaluated and saved; 0 = off
     num_workers: int = 0
     device: str = "auto"
     progress: bool = True
@@ -239,6 +240,8 @@ def _check_values(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: {key}: must be positive, got {value}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"{source}: train.lr: must be positive, got {cfg.train.lr}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"{source}: train.ema_decay: must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
     if cfg.train.early_stopping < 0:
         raise ConfigError(f"{source}: train.early_stopping: must be >= 0, got {cfg.train.early_stopping}")
     if cfg.train.tune_blocks < 0 or (cfg.train.tune_blocks and not cfg.train.frozen):

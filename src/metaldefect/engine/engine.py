@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
@@ -47,17 +48,19 @@ def _batch_size(inputs) -> int:
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch: int,
-                    device: torch.device, grad_clip: float = 0.0, progress: bool = True) -> dict[str, float]:
+                    device: torch.device, grad_clip: float = 0.0, progress: bool = True,
+                    ema: ModelEmaV3 | None = None) -> dict[str, float]:
     """Train for one pass over ``loader``; return the epoch's mean losses and metrics (all processes).
 
     Metrics are computed on the training batches as they go (dropout and augmentation on),
-    as Keras reports them in the paper's curves.
+    as Keras reports them in the paper's curves. ``ema``, when given, is updated after every
+    step; its warm-up counts steps from the first epoch, so a resumed run continues it exactly.
     """
     model.train()
     head = head_of(model)
     sums = MetricSums()
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
-    for inputs, targets in bar:
+    for step, (inputs, targets) in enumerate(bar, start=(epoch - 1) * len(loader) + 1):
         inputs = to_device(inputs, device)
         outputs = model(inputs)
         losses = head.loss(outputs, targets)
@@ -70,6 +73,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
+        if ema is not None:
+            ema.update(unwrap(model), step=step)
         sums.add_losses({name: value.detach() for name, value in losses.items()}, _batch_size(inputs))
         sums.add(head.metrics(outputs, targets))
         bar.set_postfix(loss=f"{loss.item():.4f}")

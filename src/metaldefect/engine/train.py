@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -161,6 +162,17 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
+def build_ema(cfg: Config, trained: nn.Module) -> ModelEmaV3 | None:
+    """A moving average of ``trained``'s weights and buffers (YOLO and DETR-family detectors keep one), or None.
+
+    Its decay warms up from 0 (``1 - (1 + step)^-3/4``, the shorter-run setting timm suggests)
+    and stops rising at ``train.ema_decay``.
+    """
+    if not cfg.train.ema_decay:
+        return None
+    return ModelEmaV3(trained, decay=cfg.train.ema_decay, use_warmup=True, warmup_power=0.75)
+
+
 def train(cfg: Config, runs_dir: str | Path = "runs", resume: bool = False) -> Path:
     """Run (or resume) training as ``cfg`` says; return the run directory."""
     dist = distributed.init(cfg.train.device)
@@ -199,6 +211,8 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
     scheduler = build_scheduler(cfg, optimizer)
     trained = unwrap(module)
     part = ("tuned" if cfg.train.tune_blocks else "head") if cfg.train.frozen else "model"
+    ema = build_ema(cfg, trained)
+    evaluated = ema.module if ema is not None else module  # what is scored each epoch and saved as best
 
     history: list[dict] = []
     state = {"best": None, "best_epoch": 0, "stale": 0, "stopped_early": False}
@@ -208,6 +222,10 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
             raise ConfigError(f"{run_dir}: cannot resume training the {part}: the run was started training "
                               f"the {checkpoint['part']} (train.frozen, train.tune_blocks)")
         model.load_trained(part, checkpoint["state"])
+        if ema is not None:
+            if "ema_state" not in checkpoint:
+                raise ConfigError(f"{run_dir}: cannot resume with train.ema_decay set: the run was started without it")
+            load_trained_state(ema.module, part, checkpoint["ema_state"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         history, state, start_epoch = checkpoint["history"], checkpoint["trainer"], checkpoint["epoch"]
@@ -237,8 +255,8 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
         train_sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_metrics = train_one_epoch(module, loaders["train"], optimizer, epoch, dist.device,
-                                        cfg.train.grad_clip, progress=cfg.train.progress and main)
-        val_metrics, _ = evaluate(module, loaders["val"], dist.device, progress=cfg.train.progress and main)
+                                        cfg.train.grad_clip, progress=cfg.train.progress and main, ema=ema)
+        val_metrics, _ = evaluate(evaluated, loaders["val"], dist.device, progress=cfg.train.progress and main)
         scheduler.step()
         row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in train_metrics.items()},
                **{f"val_{k}": v for k, v in val_metrics.items()}, "seconds": round(time.time() - epoch_start, 3)}
@@ -250,7 +268,8 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
             state.update(best=row[monitor], best_epoch=epoch, stale=0)
             if main:
                 save_checkpoint(run_dir / "checkpoint_best.pt",
-                                {**base, "epoch": epoch, "state": trained_state(trained), "metrics": val_metrics})
+                                {**base, "epoch": epoch, "state": trained_state(unwrap(evaluated)),
+                                 "metrics": val_metrics})
         else:
             state["stale"] += 1
         if cfg.train.early_stopping and state["stale"] >= cfg.train.early_stopping:
@@ -259,7 +278,8 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
         if main:
             save_checkpoint(last_path, {**base, "epoch": epoch, "state": trained_state(trained), "metrics": val_metrics,
                                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                        "rng": rng, "history": history, "trainer": dict(state)})
+                                        "rng": rng, "history": history, "trainer": dict(state),
+                                        **({"ema_state": trained_state(ema.module)} if ema is not None else {})})
             write_history(run_dir / "history.csv", history)
             if time.time() - last_plot > PLOT_EVERY_SECONDS:
                 plot_curves(history, run_dir / "curves.png", title=cfg.name)
@@ -277,6 +297,14 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
 def trained_state(trained: nn.Module) -> dict:
     """What a checkpoint stores of the trained module (a head, a ``TunedTail`` or the whole model)."""
     return trained.trained_state() if isinstance(trained, TunedTail) else trained.state_dict()
+
+
+def load_trained_state(trained: nn.Module, part: str, state: dict) -> None:
+    """Load ``trained_state``'s output back into a trained module (or a copy of one, as the EMA's)."""
+    if isinstance(trained, TunedTail):
+        trained.model.load_trained(part, state)
+    else:
+        trained.load_state_dict(state)
 
 
 def _check_run_dir(cfg: Config, run_dir: Path, resume: bool) -> dict | None:
