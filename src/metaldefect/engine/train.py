@@ -165,8 +165,8 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.opti
 def build_ema(cfg: Config, trained: nn.Module) -> ModelEmaV3 | None:
     """A moving average of ``trained``'s weights and buffers (YOLO and DETR-family detectors keep one), or None.
 
-    Its decay warms up from 0 (``1 - (1 + step)^-3/4``, the shorter-run setting timm suggests)
-    and stops rising at ``train.ema_decay``.
+    Its decay is 0 at the first optimizer step (a copy), then warms up as ``1 - step^-3/4`` (the
+    shorter-run setting timm suggests) and stops rising at ``train.ema_decay``.
     """
     if not cfg.train.ema_decay:
         return None
