@@ -212,7 +212,7 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
     trained = unwrap(module)
     part = ("tuned" if cfg.train.tune_blocks else "head") if cfg.train.frozen else "model"
     ema = build_ema(cfg, trained)
-    evaluated = ema.module if ema is not None else module  # what is scored each epoch and saved as best
+    evaluated = ema.module if ema is not None else trained  # what is scored each epoch and saved as best
 
     history: list[dict] = []
     state = {"best": None, "best_epoch": 0, "stale": 0, "stopped_early": False}
@@ -268,8 +268,7 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
             state.update(best=row[monitor], best_epoch=epoch, stale=0)
             if main:
                 save_checkpoint(run_dir / "checkpoint_best.pt",
-                                {**base, "epoch": epoch, "state": trained_state(unwrap(evaluated)),
-                                 "metrics": val_metrics})
+                                {**base, "epoch": epoch, "state": trained_state(evaluated), "metrics": val_metrics})
         else:
             state["stale"] += 1
         if cfg.train.early_stopping and state["stale"] >= cfg.train.early_stopping:
