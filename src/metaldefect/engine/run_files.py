@@ -71,15 +71,15 @@ def write_results(run_dir: Path, title: str, metrics: dict, history: list[dict],
         keep = len(labels) if confusion[-1].sum() or confusion[:, -1].sum() else len(labels) - 1
         plot_confusion(confusion[:keep, :keep], labels[:keep], run_dir / "confusion.png",
                        title=f"{title}: validation, best epoch {metrics['best_epoch']}")
-    write_text(run_dir / "metrics.json", json.dumps(_json_safe(metrics), indent=2) + "\n")
+    write_text(run_dir / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n")
 
 
-def _json_safe(value):
+def json_safe(value):
     """NaN -> null, recursively, so metrics.json is valid JSON."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

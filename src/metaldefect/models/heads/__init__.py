@@ -17,7 +17,7 @@ from metaldefect.errors import ConfigError
 _HEADS: dict[str, type[nn.Module]] = {}
 
 # Modules under metaldefect.models.heads that define heads; imported on first use.
-HEAD_MODULES = ("classifier", "single", "slots", "dense")
+HEAD_MODULES = ("classifier", "single", "slots", "dense", "ensemble")
 
 
 def register_head(name: str):
