@@ -12,8 +12,9 @@ take any run::
     metrics.json        task, and each member's run, best epoch and metrics
 
 The runs must share what averaging their outputs assumes: a frozen backbone with the same
-weights (the same pretrained ones, or the same random ones), input size and layers, the same classes, and the same split (otherwise one
-member's validation images could be another's training images).
+weights (the same pretrained ones, or the same random ones), input size and layers, the same
+classes, and the same split (otherwise one member's validation images could be another's
+training images).
 """
 from __future__ import annotations
 
