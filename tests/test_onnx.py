@@ -86,6 +86,21 @@ def test_dense_head_variants_export_and_detect_like_torch(tmp_path, head_kwargs)
     graph_outputs = {o.name for o in onnx.load(str(out)).graph.output}
     assert ("quality_logits" in graph_outputs) == ("score" not in head_kwargs)
     assert ("box_bin_logits" in graph_outputs) == ("box_bins" in head_kwargs)
+    assert_detects_like_torch(run_dir, out)
+
+
+def test_a_dense_ensemble_exports_its_averaged_outputs_and_detects_like_torch(tmp_path):
+    run_dir = make_run(tmp_path / "ensemble", head="dense_ensemble", seed=3, members=2, scales=[2.0, 1.0],
+                       channels=32, max_detections=20)
+    out = tmp_path / "ensemble.onnx"
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(out)]) == 0
+    assert {o.name for o in onnx.load(str(out)).graph.output} == {
+        "box_ltrb", "cls_logits", "points", "quality_logits", "ranges", "strides"}
+    assert_detects_like_torch(run_dir, out)
+
+
+def assert_detects_like_torch(run_dir, out) -> None:
+    """The exported graph's detections equal the run's: same labels, scores within 1e-3, boxes within 1 px."""
     images = [textured(200, 200, seed=s) for s in range(2)]
     expected = Detector.load(run_dir, conf=0.3, tile="off").predict_batch(images)
     got = Detector.load(out, conf=0.3, tile="off").predict_batch(images)
