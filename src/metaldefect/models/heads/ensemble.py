@@ -68,7 +68,7 @@ class DenseEnsembleHead(nn.Module):
         """The members' averaged outputs (keys as :meth:`.DenseHead.forward`, without ``box_bin_logits``),
         and ``"members"``: each member's own outputs, for the loss."""
         outputs = [member(features) for member in self.members]
-        averaged = {key: value for key, value in outputs[0].items() if key not in ("box_bin_logits",)}
+        averaged = {key: value for key, value in outputs[0].items() if key != "box_bin_logits"}  # per member only
         for key in AVERAGED:
             if key in averaged:
                 averaged[key] = torch.stack([output[key] for output in outputs]).mean(dim=0)
