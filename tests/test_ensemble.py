@@ -130,10 +130,14 @@ def test_ensemble_refuses_runs_that_cannot_share_a_backbone_pass_in_one_line(run
     other_split = tmp_path / "c"
     shutil.copytree(runs / "b", other_split)
     (other_split / "split" / "val.txt").write_text("elsewhere.jpg\n")
+    no_config = tmp_path / "d"
+    shutil.copytree(runs / "a", no_config)
+    (no_config / "config.yaml").unlink()
     cases = [
         ([runs / "a"], "at least 2 runs"),
         ([runs / "a", other_split], "its split differs"),
         ([runs / "a", tmp_path / "missing"], "checkpoint not found"),
+        ([no_config, runs / "b"], "config file not found"),
         ([runs / "a", runs / "b"], "already exists"),
     ]
     (tmp_path / "out").mkdir()

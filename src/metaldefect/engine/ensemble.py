@@ -18,6 +18,7 @@ training images).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from metaldefect.atomic import staged_directory, write_text
-from metaldefect.config import from_dict, save_config
+from metaldefect.config import load_config, save_config
 from metaldefect.engine.checkpoint import load_checkpoint, save_checkpoint
 from metaldefect.engine.run_files import SPLIT_FILES, json_safe
 from metaldefect.errors import MetalDefectError
@@ -92,9 +93,9 @@ def assemble_ensemble(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
              for index, checkpoint in enumerate(checkpoints) for key, value in checkpoint["state"].items()}
     members = [{"run": str(run.resolve()), "best_epoch": c.get("epoch"), "val": c.get("metrics")}
                for run, c in zip(runs, checkpoints)]
-    config = first["config"]
-    cfg = from_dict({**config, "name": out_dir.name,
-                     "model": {**config["model"], "head": "dense_ensemble", "head_kwargs": head_kwargs}})
+    first_cfg = load_config(runs[0] / "config.yaml")
+    cfg = dataclasses.replace(first_cfg, name=out_dir.name, model=dataclasses.replace(
+        first_cfg.model, head="dense_ensemble", head_kwargs=head_kwargs))
 
     with staged_directory(out_dir) as staging:  # an interrupted call leaves no half-made run
         (staging / "split").mkdir()
