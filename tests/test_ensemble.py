@@ -148,3 +148,17 @@ def test_ensemble_refuses_runs_that_cannot_share_a_backbone_pass_in_one_line(run
         error = capsys.readouterr().err.strip()
         assert error.startswith("error: ") and message in error and len(error.splitlines()) == 1
         assert not (tmp_path / "new").exists()
+
+
+def test_an_ensembles_model_card_names_its_members_and_their_epochs(runs, tmp_path):
+    from metaldefect.engine.checkpoint import load_checkpoint
+    from metaldefect.inference.builtin import card_from_run, card_markdown
+
+    out = tmp_path / "ab"
+    assert main(["ensemble", str(runs / "a"), str(runs / "b"), "--out", str(out)]) == 0
+    card = card_from_run(out, load_checkpoint(out / "checkpoint_best.pt"), command="metaldefect ensemble a b")
+    epochs = [load_checkpoint(runs / name / "checkpoint_best.pt")["epoch"] for name in ("a", "b")]
+    assert card["members"] == [{"run": "a", "best_epoch": epochs[0]}, {"run": "b", "best_epoch": epochs[1]}]
+    markdown = card_markdown({**card, "score_threshold": 0.5})
+    assert f"Ensemble of 2 dense heads, outputs averaged: run `a` (best epoch {epochs[0]}), run `b`" in markdown
+    assert "Best epoch:" not in markdown

@@ -115,6 +115,9 @@ def card_from_run(run_dir: str | Path, checkpoint: dict, command: str | None = N
                   "images": metrics.get("images")},
         "metrics": {"best_epoch": metrics.get("best_epoch"), "monitor": metrics.get("monitor"),
                     "val": metrics.get("best"), "test": metrics.get("test")},
+        # An ensemble (metaldefect ensemble) has no epoch of its own: its members' runs and epochs say what it is.
+        **({"members": [{"run": Path(m["run"]).name, "best_epoch": m.get("best_epoch")} for m in metrics["members"]]}
+           if metrics.get("members") else {}),
     }
 
 
@@ -215,12 +218,15 @@ def card_markdown(card: dict) -> str:
         f"- Data: `{(card.get('data') or {}).get('root')}` (format `{(card.get('data') or {}).get('format')}`)",
         f"- Split: seed {split.get('seed')}, ratios {split.get('ratios')}, split folder `{split.get('split_dir')}`; "
         f"images: {', '.join(f'{k} {v}' for k, v in (split.get('images') or {}).items()) or 'not recorded'}",
-        f"- Best epoch: {metrics.get('best_epoch')} (by {(metrics.get('monitor') or {}).get('metric')}, "
-        f"{(metrics.get('monitor') or {}).get('mode')})",
-        "", "## Metrics", "", "Validation (best epoch):", "", "| metric | value |", "| --- | --- |",
-        *_metric_rows(metrics.get("val")),
-        "", "Test:", "", "| metric | value |", "| --- | --- |",
-        *_metric_rows(metrics.get("test")),
+        *([f"- Ensemble of {len(card['members'])} dense heads, outputs averaged: "
+           + ", ".join(f"run `{m['run']}` (best epoch {m['best_epoch']})" for m in card["members"])]
+          if card.get("members") else
+          [f"- Best epoch: {metrics.get('best_epoch')} (by {(metrics.get('monitor') or {}).get('metric')}, "
+           f"{(metrics.get('monitor') or {}).get('mode')})",
+           "", "## Metrics", "", "Validation (best epoch):", "", "| metric | value |", "| --- | --- |",
+           *_metric_rows(metrics.get("val")),
+           "", "Test:", "", "| metric | value |", "| --- | --- |",
+           *_metric_rows(metrics.get("test"))]),
         *(["", "## Detection metrics (COCO, pycocotools, `metaldefect evaluate`)", "",
            *_detection_rows(card["detection_metrics"])] if card.get("detection_metrics") else []),
         "", "## Limits", "",
