@@ -4,9 +4,9 @@ Each member is a :class:`~metaldefect.models.heads.dense.DenseHead`; the ensembl
 prediction is the mean of the members' per-location class logits, distances and quality
 logits, decoded once (score, NMS) by the first member. Averaging before the decoding
 rather than pooling the members' boxes keeps one box per location, so NMS sees no
-near-duplicates: on NEU-DET three separately trained heads averaged this way gave
-+0.012 val mAP@0.5 and +0.010 mAP@0.5:0.95 over the best of them (docs/benchmarks.md),
-where weighted box fusion of their boxes was worse than NMS.
+near-duplicates. On NEU-DET, pairs of separately trained heads averaged this way
+raised the median val mAP@0.5:0.95 of single heads by 0.014 and mAP@0.5 by 0.005
+(docs/benchmarks.md, session 10).
 
 Two ways to get one:
 
@@ -75,7 +75,10 @@ class DenseEnsembleHead(nn.Module):
         return {**averaged, "members": outputs}
 
     def loss(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """The mean over members of each member's loss on its own outputs (and of each part)."""
+        """The mean over members of each member's loss on its own outputs (and of each part).
+
+        So the val loss a run logs is the members' mean, not the loss of their averaged prediction.
+        """
         losses = [member.loss(output, targets) for member, output in zip(self.members, outputs["members"])]
         return {key: torch.stack([loss[key] for loss in losses]).mean() for key in losses[0]}
 
