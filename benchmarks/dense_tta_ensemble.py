@@ -24,9 +24,9 @@ from metaldefect.data.transforms import VIEW_STEPS, to_input_tensor, view_image
 from metaldefect.engine.checkpoint import load_run
 from metaldefect.engine.coco_eval import evaluate_detections
 from metaldefect.engine.run_data import build_data
+from metaldefect.models.heads.ensemble import AVERAGED, average_outputs
 
 FLIPS = ("none", "hflip", "vflip", "rot180")  # the views that keep the grid's axes
-AVERAGED = ("cls_logits", "box_ltrb", "quality_logits")  # quality_logits: only heads with score="quality"
 
 
 def level_sizes(outputs: dict) -> list[int]:
@@ -61,13 +61,6 @@ def score_kind(checkpoint: dict) -> str:
     return checkpoint["model_spec"]["head_kwargs"].get("score", "quality")
 
 
-def averaged(outputs: list[dict]) -> dict:
-    mean = dict(outputs[0])
-    for key in AVERAGED & mean.keys():
-        mean[key] = torch.stack([o[key] for o in outputs]).mean(dim=0)
-    return mean
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="dense-head run directories (the first one's backbone is used)")
@@ -99,10 +92,10 @@ def main() -> None:
                 outputs = [onto_plain_grid(model.head(features[view]), view) for view in FLIPS]
                 plain.append(outputs[0])
                 for name, count in ((run, 1), (f"{run} + hflip TTA", 2), (f"{run} + 4-flip TTA", 4)):
-                    decoded = model.head.decode(averaged(outputs[:count]), sizes, classes)
+                    decoded = model.head.decode(average_outputs(outputs[:count]), sizes, classes)
                     predictions.setdefault(name, []).extend(decoded)
             if len(models) > 1:
-                decoded = models[0].head.decode(averaged(plain), sizes, classes)
+                decoded = models[0].head.decode(average_outputs(plain), sizes, classes)
                 predictions.setdefault(f"ensemble of {len(models)} heads", []).extend(decoded)
     print(f"{args.split}: {len(records)} images, {time.perf_counter() - started:.0f} s\n")
     print(f"| {args.split} | mAP@0.5 | mAP@0.5:0.95 |\n|---|---|---|")

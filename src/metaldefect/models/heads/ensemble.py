@@ -27,9 +27,18 @@ from torch import nn
 from metaldefect.errors import ConfigError
 from metaldefect.models.heads import create_head, register_head
 
-AVERAGED = ("cls_logits", "box_ltrb", "quality_logits")
+AVERAGED = ("cls_logits", "box_ltrb", "quality_logits")  # quality_logits: only heads with score="quality"
 # Options that fix what a location's outputs mean; members must agree on them to be averaged.
 SHARED_MEANING = ("scales", "size_ranges", "score")
+
+
+def average_outputs(outputs: list[dict]) -> dict:
+    """Dense-head outputs of the same locations (``[B, L, ...]`` each), as one: :data:`AVERAGED` keys are
+    the mean, the rest (locations, strides) are the first's; ``box_bin_logits`` belong to one head only."""
+    mean = {key: value for key, value in outputs[0].items() if key != "box_bin_logits"}
+    for key in AVERAGED & mean.keys():
+        mean[key] = torch.stack([output[key] for output in outputs]).mean(dim=0)
+    return mean
 
 
 @register_head("dense_ensemble")
@@ -68,11 +77,7 @@ class DenseEnsembleHead(nn.Module):
         """The members' averaged outputs (keys as :meth:`.DenseHead.forward`, without ``box_bin_logits``),
         and ``"members"``: each member's own outputs, for the loss."""
         outputs = [member(features) for member in self.members]
-        averaged = {key: value for key, value in outputs[0].items() if key != "box_bin_logits"}  # per member only
-        for key in AVERAGED:
-            if key in averaged:
-                averaged[key] = torch.stack([output[key] for output in outputs]).mean(dim=0)
-        return {**averaged, "members": outputs}
+        return {**average_outputs(outputs), "members": outputs}
 
     def loss(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         """The mean over members of each member's loss on its own outputs (and of each part).
