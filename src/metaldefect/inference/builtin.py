@@ -195,11 +195,24 @@ def _metric_rows(metrics: dict | None) -> list[str]:
             for key, value in metrics.items() if not isinstance(value, (dict, list))]
 
 
+def _epoch_rows(card: dict) -> list[str]:
+    """The checkpoint's epoch and its metrics; for an ensemble, which has none, its members' runs and epochs."""
+    if card.get("members"):
+        return [f"- Ensemble of {len(card['members'])} dense heads, outputs averaged: "
+                + ", ".join(f"run `{m['run']}` (best epoch {m['best_epoch']})" for m in card["members"])]
+    metrics = card.get("metrics") or {}
+    monitor = metrics.get("monitor") or {}
+    return [f"- Best epoch: {metrics.get('best_epoch')} (by {monitor.get('metric')}, {monitor.get('mode')})",
+            "", "## Metrics", "", "Validation (best epoch):", "", "| metric | value |", "| --- | --- |",
+            *_metric_rows(metrics.get("val")),
+            "", "Test:", "", "| metric | value |", "| --- | --- |",
+            *_metric_rows(metrics.get("test"))]
+
+
 def card_markdown(card: dict) -> str:
     """The model card as Markdown for people."""
     weights = card.get("backbone_weights") or {}
     split = card.get("split") or {}
-    metrics = card.get("metrics") or {}
     lines = [
         f"# Model card: {card['name']}", "",
         "The built-in model of metaldefect: it finds and locates defects on metal surface images "
@@ -218,15 +231,7 @@ def card_markdown(card: dict) -> str:
         f"- Data: `{(card.get('data') or {}).get('root')}` (format `{(card.get('data') or {}).get('format')}`)",
         f"- Split: seed {split.get('seed')}, ratios {split.get('ratios')}, split folder `{split.get('split_dir')}`; "
         f"images: {', '.join(f'{k} {v}' for k, v in (split.get('images') or {}).items()) or 'not recorded'}",
-        *([f"- Ensemble of {len(card['members'])} dense heads, outputs averaged: "
-           + ", ".join(f"run `{m['run']}` (best epoch {m['best_epoch']})" for m in card["members"])]
-          if card.get("members") else
-          [f"- Best epoch: {metrics.get('best_epoch')} (by {(metrics.get('monitor') or {}).get('metric')}, "
-           f"{(metrics.get('monitor') or {}).get('mode')})",
-           "", "## Metrics", "", "Validation (best epoch):", "", "| metric | value |", "| --- | --- |",
-           *_metric_rows(metrics.get("val")),
-           "", "Test:", "", "| metric | value |", "| --- | --- |",
-           *_metric_rows(metrics.get("test"))]),
+        *_epoch_rows(card),
         *(["", "## Detection metrics (COCO, pycocotools, `metaldefect evaluate`)", "",
            *_detection_rows(card["detection_metrics"])] if card.get("detection_metrics") else []),
         "", "## Limits", "",
