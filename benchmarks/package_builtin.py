@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         original = Detector.load(args.run, tile="off", conf=args.conf)  # same threshold as the packaged card
         samples = builtin.sample_images()
         for sample, got, expected in zip(samples, packaged.predict_batch(samples), original.predict_batch(samples)):
-            if [(d.label, round(d.score, 4)) for d in got] != [(d.label, round(d.score, 4)) for d in expected]:
+            if [d.to_dict() for d in got] != [d.to_dict() for d in expected]:  # labels, scores and boxes
                 raise MetalDefectError(f"{sample.name}: the packaged model disagrees with the run")
     except MetalDefectError as error:
         print(f"error: {error}", file=sys.stderr)

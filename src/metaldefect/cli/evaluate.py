@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", help="folder for metrics.json, pr_curves.png, confusion.png "
                                       "(default: RUN/eval_SPLIT, or ./eval for --data / non-run models)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-refine", action="store_true",
+                        help="score the detector's own boxes: skip the model's box refiner (metaldefect refine)")
     parser.set_defaults(handler=run)
 
 
@@ -35,7 +37,8 @@ def run(args) -> int:
         records = split_records(model, args.split)
         default_out = model / f"eval_{args.split}"
     out_dir = Path(args.out) if args.out else default_out
-    report = evaluate_run(args.model, records, out_dir, args.conf, args.batch_size, progress=sys.stderr.isatty())
+    report = evaluate_run(args.model, records, out_dir, args.conf, args.batch_size, progress=sys.stderr.isatty(),
+                          refine=not args.no_refine)
     print(report.summary())
     print(f"mAP@0.5 {report.map50:.4f}  mAP@0.5:0.95 {report.map:.4f}" if report.map is not None
           else "no ground-truth boxes: mAP undefined")

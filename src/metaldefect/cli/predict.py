@@ -48,6 +48,8 @@ def add_model_options(parser: argparse.ArgumentParser, model: bool = True) -> No
     parser.add_argument("--batch-size", type=int, default=8, help="network inputs per batch (default: 8)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: the libraries'; 1 was fastest on a busy 2-core CPU)")
+    parser.add_argument("--no-refine", action="store_true",
+                        help="keep the detector's boxes: skip the model's box refiner (metaldefect refine)")
 
 
 def collect_images(paths: list[str], problems: ProblemLog) -> list[tuple[Path, str]]:
@@ -101,7 +103,7 @@ def load_detector(args: argparse.Namespace, source: str):
     from metaldefect.inference.detector import Detector
 
     return Detector.load(source, backend=args.backend, tile=args.tile, conf=args.conf, overlap=args.overlap,
-                         batch_size=args.batch_size, threads=args.threads)
+                         batch_size=args.batch_size, threads=args.threads, refine=not args.no_refine)
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -51,6 +51,25 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> None:
     _save(figure, path)
 
 
+def plot_refiner_curves(history: list[dict], path: str | Path, title: str = "") -> None:
+    """``refiner_curves.png``: the box refiner's losses, and the val IoU of jittered boxes before and after it."""
+    figure, (losses, ious) = plt.subplots(1, 2, figsize=(11, 3.6))
+    epochs = [row["epoch"] for row in history]
+    for axis, lines, label in ((losses, (("train_loss", "train", "-"), ("val_loss", "val", "--")), "Loss (smooth L1)"),
+                               (ious, (("val_iou_before", "val, jittered", ":"),
+                                       ("val_iou_after", "val, refined", "--")), "Mean IoU with the labelled box")):
+        for key, name, style in lines:
+            axis.plot(epochs, [row[key] for row in history], style, marker="o", markersize=3, label=name)
+        axis.set_title(label)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    _save(figure, path)
+
+
 def plot_confusion(matrix: np.ndarray, labels: list[str], path: str | Path, title: str = "") -> None:
     """``confusion.png``: counts with rows = true class, columns = predicted class."""
     matrix = np.asarray(matrix)

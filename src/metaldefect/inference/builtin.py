@@ -5,8 +5,10 @@
     weights.safetensors  weights of the trained part: the head alone for a frozen-backbone
                          run (the backbone comes from its offline weights provider), the
                          head and the tuned last ViT blocks for a ``tune_blocks`` run
+    refiner.safetensors  the run's box refiner, when it has one (``metaldefect refine``)
     model_card.json      what the model is: backbone and its weights' checksum, head, classes,
-                         training command, data, split, metrics, and the create_model spec
+                         training command, data, split, metrics, the create_model spec, and
+                         the refiner's settings
     MODEL_CARD.md        the same for people
     config.yaml, classes.json, metrics.json   copied from the run
 
@@ -27,11 +29,13 @@ from metaldefect.atomic import staged_directory, write_bytes, write_text
 from metaldefect.data.images import IMAGE_SUFFIXES
 from metaldefect.errors import MetalDefectError, WeightsError
 from metaldefect.models.factory import DefectModel, create_model
+from metaldefect.models.refiner import BoxRefiner
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 BUILTIN_DIR = PACKAGE_DIR / "builtin_model"
 SAMPLES_DIR = PACKAGE_DIR / "samples"
 WEIGHTS_FILE = "weights.safetensors"
+REFINER_WEIGHTS_FILE = "refiner.safetensors"
 CARD_FILE = "model_card.json"
 CARD_MARKDOWN = "MODEL_CARD.md"
 RUN_FILES = ("config.yaml", "classes.json", "metrics.json")
@@ -91,6 +95,27 @@ def load_builtin(folder: Path | None = None) -> tuple[DefectModel, list[str], di
     return model.eval(), list(card["classes"]), spec, card
 
 
+def load_builtin_refiner(classes: list[str], folder: Path | None = None) -> BoxRefiner | None:
+    """The packaged box refiner (eval mode), or None when the built-in model has none."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = builtin_dir() if folder is None else Path(folder)
+    card = read_json(folder / CARD_FILE)
+    if not card.get("refiner"):
+        return None
+    refiner = BoxRefiner(**card["refiner"]["kwargs"])
+    if refiner.kwargs["num_classes"] != len(classes):
+        raise MetalDefectError(f"{folder / CARD_FILE}: the refiner knows {refiner.kwargs['num_classes']} classes, "
+                               f"the model {len(classes)}")
+    try:
+        refiner.load_state_dict(load_file(str(folder / REFINER_WEIGHTS_FILE)))
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise MetalDefectError(f"{folder / REFINER_WEIGHTS_FILE}: unreadable refiner weights "
+                               f"({' '.join(str(error).split())[:300]})") from None
+    return refiner.eval()
+
+
 def card_from_run(run_dir: str | Path, checkpoint: dict, command: str | None = None) -> dict:
     """A model card for a training run: name, backbone and weights, head, data, split, metrics."""
     run_dir = Path(run_dir)
@@ -137,11 +162,13 @@ def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: st
     For a frozen-backbone run only the head's weights are copied; the backbone must come from
     an offline weights provider (not a local ``weights_file``), so a fresh install can rebuild it.
     ``detection_metrics``: per split, a ``DetectionReport.to_dict()`` of the run's weights
-    (shown in the card). ``dest`` is replaced as a whole, atomically.
+    (shown in the card). The run's box refiner (``refiner.pt``, from ``metaldefect refine``) is
+    packaged with it. ``dest`` is replaced as a whole, atomically.
     """
     from safetensors.torch import save
 
     from metaldefect.engine.checkpoint import load_checkpoint
+    from metaldefect.engine.refine import REFINER_FILE
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -157,16 +184,24 @@ def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: st
                  "packaged_with": f"metaldefect {__version__}"})
     if detection_metrics:
         card["detection_metrics"] = {split: _detection_summary(report) for split, report in detection_metrics.items()}
+    refiner = load_checkpoint(run_dir / REFINER_FILE) if (run_dir / REFINER_FILE).is_file() else None
+    if refiner is not None:
+        card["refiner"] = {key: refiner.get(key) for key in ("kwargs", "settings", "best_epoch", "best",
+                                                             "train_seconds")}
     with staged_directory(dest) as staging:
-        state = {k: v.detach().cpu().contiguous() for k, v in checkpoint["state"].items()
-                 if isinstance(v, torch.Tensor)}
-        write_bytes(staging / WEIGHTS_FILE, save(state))  # safetensors' save_file leaves the file 0600
+        write_bytes(staging / WEIGHTS_FILE, save(_tensors(checkpoint["state"])))  # save_file would leave it 0600
+        if refiner is not None:
+            write_bytes(staging / REFINER_WEIGHTS_FILE, save(_tensors(refiner["state"])))
         for name in RUN_FILES:
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, staging / name)
         write_text(staging / CARD_FILE, json.dumps(card, indent=2) + "\n")
         write_text(staging / CARD_MARKDOWN, card_markdown(card))
     return Path(dest)
+
+
+def _tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _detection_summary(report: dict) -> dict:
@@ -224,6 +259,10 @@ def card_markdown(card: dict) -> str:
            "tuned": "rebuilt from the offline provider; its last blocks were tuned and are shipped here "
                     "with the head."}.get(card.get("part"), "shipped here with the head."),
         f"- Head: `{card['head']}` with `{json.dumps(card.get('head_kwargs') or {})}`",
+        *([f"- Box refiner (`metaldefect refine`): `{json.dumps(card['refiner']['kwargs'])}`; it moves each "
+           "detection's sides from a crop of the image around it (val IoU of jittered boxes "
+           f"{card['refiner']['best']['val_iou_before']:.3f} -> {card['refiner']['best']['val_iou_after']:.3f})"]
+          if card.get("refiner") else []),
         f"- Input: {card['input_size']} x {card['input_size']} pixels; default score threshold "
         f"{card.get('score_threshold')}",
         "", "## Training", "",

@@ -30,6 +30,7 @@ from metaldefect.data.records import Detection
 from metaldefect.data.transforms import to_input_tensor
 from metaldefect.errors import DataError, MetalDefectError
 from metaldefect.inference.tiling import DEFAULT_OVERLAP, check_overlap, parse_tile, predict_tiled, tile_side
+from metaldefect.models.refiner import gray_image
 
 DEFAULT_CONF = 0.3
 DEFAULT_BATCH_SIZE = 8
@@ -87,11 +88,13 @@ class Detector:
         card: model card (name, backbone, backbone_weights, head, training_command, data, split, metrics...).
         task: "detect", or "classify" (a classifier's prediction is one whole-image detection).
         backend: "torch" or "onnx".
+        refiner: the box refiner applied to the detections (``metaldefect refine``), or None.
     """
 
     def __init__(self, network: Network, head: torch.nn.Module, classes: list[str], input_size: int, card: dict,
                  backend: str = "torch", tile: str | int = "auto",
-                 overlap: float = DEFAULT_OVERLAP, conf: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE):
+                 overlap: float = DEFAULT_OVERLAP, conf: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 refiner=None):
         self.network = network
         self.head = head
         self.classes = list(classes)
@@ -103,12 +106,13 @@ class Detector:
         self.overlap = check_overlap(overlap)
         self.conf = conf
         self.batch_size = int(batch_size)
+        self.refiner = refiner if self.task == "detect" else None
         self._keep: object = None  # holds a temporary export folder alive as long as the detector
 
     @classmethod
     def load(cls, source: str | Path = "builtin", backend: str = "auto", tile: str | int = "auto",
              conf: float | None = None, overlap: float | None = None,
-             batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None) -> "Detector":
+             batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None, refine: bool = True) -> "Detector":
         """Load ``source``: "builtin", a training run directory (its ``checkpoint_best.pt``), a
         checkpoint ``.pt`` file of a run, or an exported ``.onnx`` file (with its sidecar JSON).
 
@@ -119,6 +123,9 @@ class Detector:
         the whole process (resizing and decoding run in torch with either backend) and ONNX Runtime's
         intra-op threads. On a CPU other jobs keep busy, 1 can be several times faster than more
         (docs/benchmarks.md).
+        ``refine``: move the detections' sides with the model's box refiner when it has one
+        (``metaldefect refine RUN``: ``refiner.pt`` in the run; packaged with the built-in model;
+        ``<name>.refiner.onnx`` beside an exported file).
         """
         if backend not in BACKENDS:
             raise MetalDefectError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -135,25 +142,28 @@ class Detector:
         if str(source) != "builtin" and path.suffix.lower() == ".onnx":
             if backend == "torch":
                 raise MetalDefectError(f"{path}: an .onnx file runs with the onnx backend, not torch")
-            return cls._from_onnx(path, threads, **options)
+            return cls._from_onnx(path, threads, refine, **options)
         model, classes, spec, card = load_torch_model(source)
+        refiner = load_model_refiner(source, classes) if refine else None
         if backend == "onnx":
             from metaldefect.inference.onnx_export import export_onnx
 
             folder = tempfile.TemporaryDirectory(prefix="metaldefect-onnx-")
-            exported = export_onnx(model, classes, spec, Path(folder.name) / "model.onnx", card)
-            detector = cls._from_onnx(exported, threads, **options)
+            exported = export_onnx(model, classes, spec, Path(folder.name) / "model.onnx", card, refiner=refiner)
+            detector = cls._from_onnx(exported, threads, refine, **options)
             detector._keep = folder
             return detector
-        return cls(TorchNetwork(model), model.head, classes, model.backbone.input_size, card, "torch", **options)
+        return cls(TorchNetwork(model), model.head, classes, model.backbone.input_size, card, "torch",
+                   refiner=refiner, **options)
 
     @classmethod
-    def _from_onnx(cls, path: Path, threads: int | None, **options) -> "Detector":
-        from metaldefect.inference.onnx_runtime import load_onnx
+    def _from_onnx(cls, path: Path, threads: int | None, refine: bool, **options) -> "Detector":
+        from metaldefect.inference.onnx_runtime import load_onnx, load_onnx_refiner
 
         network, head, sidecar = load_onnx(path, threads)
+        refiner = load_onnx_refiner(path, sidecar, threads) if refine else None
         return cls(network, head, sidecar["classes"], sidecar["input_size"], sidecar.get("card") or {}, "onnx",
-                   **options)
+                   refiner=refiner, **options)
 
     def score_threshold(self, conf: float | None = None) -> float:
         """The threshold in use: ``conf``, else the one given to :meth:`load`, else the card's, else 0.3."""
@@ -184,7 +194,20 @@ class Detector:
                 results[index] = predict_tiled(array, detect, side, self.overlap)
         for index, detections in zip(whole, detect([arrays[i] for i in whole])):
             results[index] = detections
+        if self.refiner is not None:
+            results = [self._refine(array, detections) for array, detections in zip(arrays, results)]
         return results
+
+    def _refine(self, array: np.ndarray, detections: list[Detection]) -> list[Detection]:
+        """The detections with their boxes moved by the refiner, on the whole original image."""
+        if not detections:
+            return detections
+        index = {name: i for i, name in enumerate(self.classes)}
+        boxes = torch.tensor([d.box for d in detections], dtype=torch.float32)
+        labels = torch.tensor([index[d.label] for d in detections], dtype=torch.long)
+        with torch.inference_mode():
+            refined = self.refiner.refine(gray_image(array), boxes, labels)
+        return [Detection(box, d.label, d.score) for box, d in zip(refined.tolist(), detections)]
 
     def _tiles(self) -> bool:
         # Automatic tiling is for detectors; a classifier tiles only when asked for a tile size.
@@ -206,7 +229,20 @@ class Detector:
 
     def __repr__(self) -> str:
         return (f"Detector(name={self.card.get('name')!r}, backend={self.backend!r}, task={self.task!r}, "
-                f"classes={len(self.classes)}, input_size={self.input_size}, tile={self.tile!r})")
+                f"classes={len(self.classes)}, input_size={self.input_size}, tile={self.tile!r}, "
+                f"refiner={self.refiner is not None})")
+
+
+def load_model_refiner(source: str | Path, classes: list[str]):
+    """The box refiner that goes with "builtin", a run directory or a run's checkpoint file; None if it has none."""
+    from metaldefect.engine.refine import REFINER_FILE, load_refiner
+    from metaldefect.inference.builtin import load_builtin_refiner
+
+    if str(source) == "builtin":
+        return load_builtin_refiner(classes)
+    path = Path(source)
+    refiner_path = (path if path.is_dir() else path.parent) / REFINER_FILE
+    return load_refiner(refiner_path, classes) if refiner_path.is_file() else None
 
 
 def load_torch_model(source: str | Path) -> tuple[torch.nn.Module, list[str], dict, dict]:

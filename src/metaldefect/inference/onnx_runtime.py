@@ -17,6 +17,7 @@ from torch import nn
 from metaldefect.errors import MetalDefectError
 from metaldefect.inference.onnx_export import SIDECAR_FORMAT, SIDECAR_VERSION, sidecar_path
 from metaldefect.models.heads import create_head
+from metaldefect.models.refiner import refine_boxes
 
 _REQUIRED_KEYS = ("input_name", "output_names", "input_size", "classes", "task", "head", "head_kwargs", "in_dims")
 
@@ -25,17 +26,7 @@ class OnnxNetwork:
     """An onnxruntime session called like the PyTorch model: ``[B, 3, S, S]`` tensor -> dict of tensors."""
 
     def __init__(self, path: Path, input_name: str, output_names: list[str], threads: int | None = None):
-        import onnxruntime  # imported here: only the ONNX backend needs it
-
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as error:  # onnxruntime raises its own exception types for damaged files
-            raise MetalDefectError(f"{path}: not a readable ONNX model ({error.__class__.__name__}: "
-                                   f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        self.session = _session(path, threads)
         graph_outputs = [output.name for output in self.session.get_outputs()]
         if sorted(graph_outputs) != sorted(output_names):
             raise MetalDefectError(f"{path}: graph outputs {graph_outputs} do not match its sidecar {output_names}")
@@ -45,6 +36,20 @@ class OnnxNetwork:
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         arrays = self.session.run(self.output_names, {self.input_name: images.numpy().astype(np.float32, copy=False)})
         return {name: torch.from_numpy(array) for name, array in zip(self.output_names, arrays)}
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime  # imported here: only the ONNX backend needs it
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own exception types for damaged files
+        raise MetalDefectError(f"{path}: not a readable ONNX model ({error.__class__.__name__}: "
+                               f"{str(error).splitlines()[0] if str(error) else ''})") from None
 
 
 def read_sidecar(onnx_path: str | Path) -> dict:
@@ -77,3 +82,31 @@ def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxNetwork
     network = OnnxNetwork(path, sidecar["input_name"], sidecar["output_names"], threads)
     head = create_head(sidecar["head"], sidecar["in_dims"], len(sidecar["classes"]), **sidecar["head_kwargs"]).eval()
     return network, head, sidecar
+
+
+class OnnxRefiner:
+    """A box refiner's exported graph, with :class:`BoxRefiner`'s ``refine``."""
+
+    def __init__(self, path: Path, crop: int, context: float, threads: int | None = None):
+        self.session = _session(path, threads)
+        self.crop, self.context = int(crop), float(context)
+
+    def __call__(self, crops: torch.Tensor, labels: torch.Tensor, relative_sizes: torch.Tensor) -> torch.Tensor:
+        feeds = {"crops": crops.numpy().astype(np.float32, copy=False), "labels": labels.numpy(),
+                 "relative_sizes": relative_sizes.numpy().astype(np.float32, copy=False)}
+        return torch.from_numpy(self.session.run(["deltas"], feeds)[0])
+
+    def refine(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return refine_boxes(self, self.crop, self.context, image, boxes, labels)
+
+
+def load_onnx_refiner(onnx_path: str | Path, sidecar: dict, threads: int | None = None) -> OnnxRefiner | None:
+    """The refiner exported beside ``onnx_path`` that its sidecar names, or None when it names none."""
+    entry = sidecar.get("refiner")
+    if not entry:
+        return None
+    path = Path(onnx_path).parent / entry["file"]
+    if not path.is_file():
+        raise MetalDefectError(f"{path}: the box refiner named in {sidecar_path(onnx_path).name} is missing "
+                               "(export writes it beside the model; copy both, or load with refine=False)")
+    return OnnxRefiner(path, entry["crop"], entry["context"], threads)

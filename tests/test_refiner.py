@@ -1,0 +1,191 @@
+"""The box refiner: crops and deltas, that it learns to undo jitter, `metaldefect refine`, and every path that
+applies it (Detector with PyTorch and ONNX Runtime, export, the built-in packaging)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from inference_factory import CLASSES, make_run, textured
+from synthetic_defects import make_dataset, write_config
+from torchvision.ops import box_iou
+
+from metaldefect.cli import main
+from metaldefect.engine.refine import REFINER_FILE, RefinerSettings, jitter_boxes, save_refiner, train_refiner
+from metaldefect.errors import MetalDefectError
+from metaldefect.inference import builtin
+from metaldefect.inference.detector import Detector
+from metaldefect.inference.evaluation import split_records
+from metaldefect.models.refiner import BoxRefiner, apply_deltas, crop_boxes, encode_deltas, gray_image
+
+
+def test_deltas_encode_and_apply_as_inverses():
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 40.0], [0.0, 0.0, 3.0, 100.0]])
+    targets = torch.tensor([[12.0, 18.0, 47.0, 44.0], [1.0, 5.0, 4.0, 90.0]])
+    deltas = encode_deltas(boxes, targets)
+    assert torch.allclose(deltas[0], torch.tensor([2 / 40, -2 / 20, -3 / 40, 4 / 20]) / 0.1)
+    assert torch.allclose(apply_deltas(boxes, deltas), targets, atol=1e-5)
+
+
+def test_a_crop_holds_the_box_and_its_context_at_the_crop_size():
+    ramp = torch.arange(100.0).repeat(60, 1)[None, None] / 100  # [1, 1, 60, 100]: the value is x / 100
+    crops = crop_boxes(ramp, torch.tensor([0]), torch.tensor([[20.0, 10.0, 60.0, 50.0]]), crop=16, context=1.5)
+    assert crops.shape == (1, 1, 16, 16)
+    # Context 1.5 around a box from x 20 to 60 spans x 10 to 70; aligned pixel centres read x - 0.5.
+    assert crops[0, 0, 0, 0].item() == pytest.approx((10 + 60 / 32 - 0.5) / 100, abs=0.005)
+    assert crops[0, 0, 0, -1].item() == pytest.approx((70 - 60 / 32 - 0.5) / 100, abs=0.005)
+    assert torch.allclose(crops[0, 0, 0], crops[0, 0, -1])  # the ramp does not vary along y
+
+
+def test_a_new_refiner_leaves_boxes_alone_and_a_refined_box_stays_valid_and_inside():
+    image = gray_image(textured(40, 60))
+    boxes = torch.tensor([[5.0, 5.0, 30.0, 20.0], [40.0, 10.0, 58.0, 39.0]])
+    refiner = BoxRefiner(num_classes=3, crop=16, width=8).eval()
+    assert torch.equal(refiner.refine(image, boxes, torch.tensor([0, 2])), boxes)
+
+    with torch.no_grad():
+        refiner.predict[-1].bias.copy_(torch.tensor([-100.0, -100.0, 100.0, 100.0]))  # every side far out
+    assert torch.equal(refiner.refine(image, boxes, torch.tensor([0, 2])), torch.tensor([[0.0, 0, 60, 40]] * 2))
+    with torch.no_grad():
+        refiner.predict[-1].bias.copy_(torch.tensor([20.0, 0.0, -20.0, 0.0]))  # left and right sides cross
+    assert torch.equal(refiner.refine(image, boxes, torch.tensor([0, 2])), boxes)  # kept as detected
+    with pytest.raises(ValueError, match="multiple of 16"):
+        BoxRefiner(num_classes=3, crop=20)
+
+
+def test_jitter_moves_each_side_by_the_given_fraction_and_keeps_valid_boxes():
+    boxes = torch.tensor([[100.0, 100.0, 200.0, 150.0]])  # far enough inside that clipping never cuts the noise
+    noisy, source = jitter_boxes(boxes, 0.1, 4000, (400, 400), torch.Generator().manual_seed(0))
+    assert (source == 0).all() and len(noisy) == 4000
+    moves = (noisy - boxes) / torch.tensor([100.0, 50.0, 100.0, 50.0])
+    assert moves.std(dim=0).tolist() == pytest.approx([0.1] * 4, abs=0.01)
+    assert ((noisy[:, 2:] - noisy[:, :2]) >= 1).all()
+    corner, _ = jitter_boxes(torch.tensor([[0.0, 0.0, 20.0, 20.0]]), 0.5, 1000, (30, 25),
+                             torch.Generator().manual_seed(1))
+    assert corner[:, 0::2].min() >= 0 and corner[:, 0::2].max() <= 30  # clipped to the image (W 30, H 25)
+    assert corner[:, 1::2].min() >= 0 and corner[:, 1::2].max() <= 25
+    assert (corner[:, 2] == 30).any() and (corner[:, 3] == 25).any()
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory) -> Path:
+    """A tiny trained dense run on synthetic defects: sharp-edged patches and stripes."""
+    root = tmp_path_factory.mktemp("refine")
+    data = make_dataset(root / "NEU", images=24, size=64)
+    config = write_config(root / "dense.yaml", data, root / "cache", "dense",
+                          model={"backbone": "vit_tiny_patch16_224", "input_size": 64,
+                                 "head_kwargs": {"channels": 16, "num_convs": 1, "scales": [1.0, 0.5]}},
+                          train={"epochs": 2})
+    assert main(["train", str(config), "--runs-dir", str(root / "runs")]) == 0
+    return root / "runs" / "dense"
+
+
+def test_the_refiner_learns_to_undo_jitter_on_sharp_edged_defects(dense_run):
+    settings = RefinerSettings(epochs=12, images_per_batch=8, jitters_per_box=8, crop=32, width=8, lr=0.004)
+    refiner, summary = train_refiner(split_records(dense_run, "train"), split_records(dense_run, "val"),
+                                     ["patches", "pitted_surface", "scratches"], settings, progress=False)
+    best = summary["best"]
+    assert len(summary["history"]) == 12 and summary["best_epoch"] == best["epoch"]
+    assert best["val_iou_after"] > best["val_iou_before"] + 0.05, best
+
+
+def test_refine_cli_writes_the_refiner_and_the_detector_applies_it(dense_run, capsys):
+    assert main(["refine", str(dense_run), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "val IoU of jittered boxes" in out and "mAP@0.5:0.95" in out
+    for name in (REFINER_FILE, "refiner_history.csv", "refiner_curves.png"):
+        assert (dense_run / name).is_file()
+    saved = torch.load(dense_run / REFINER_FILE, weights_only=False)
+    assert set(saved["val_map"]) == {"with", "without"} and saved["settings"]["epochs"] == 2
+
+    refined, plain = Detector.load(dense_run, conf=0.05), Detector.load(dense_run, conf=0.05, refine=False)
+    assert refined.refiner is not None and plain.refiner is None
+    image = textured(64, 64, seed=3)
+    got, raw = refined.predict(image), plain.predict(image)
+    assert raw and [(d.label, d.score) for d in got] == [(d.label, d.score) for d in raw]
+    index = {name: i for i, name in enumerate(refined.classes)}
+    expected = refined.refiner.refine(gray_image(image), torch.tensor([d.box for d in raw]),
+                                      torch.tensor([index[d.label] for d in raw]))
+    assert torch.allclose(torch.tensor([d.box for d in got]), expected)
+
+
+def test_refine_refusals_are_one_line_and_leave_the_run_alone(dense_run, tmp_path, capsys):
+    main(["refine", str(dense_run), "--epochs", "1", "--force"])  # make sure a refiner exists
+    before = (dense_run / REFINER_FILE).read_bytes()
+    capsys.readouterr()
+    assert main(["refine", str(dense_run)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {dense_run / REFINER_FILE} exists; pass --force to replace it"
+    assert (dense_run / REFINER_FILE).read_bytes() == before
+    assert main(["refine", str(tmp_path)]) == 2
+    assert "not a training run" in capsys.readouterr().err
+    classifier = make_run(tmp_path / "classifier", head="classifier")
+    assert main(["refine", str(classifier)]) == 2
+    assert "not a detector run" in capsys.readouterr().err
+    assert not (classifier / REFINER_FILE).exists()
+
+
+@pytest.fixture(scope="module")
+def refined_run(tmp_path_factory) -> Path:
+    """A random tiny run (inference_factory) with a random refiner whose deltas are not zero."""
+    run = make_run(tmp_path_factory.mktemp("refined") / "tiny_dense")
+    torch.manual_seed(1)
+    refiner = BoxRefiner(len(CLASSES), crop=16, width=8)
+    with torch.no_grad():
+        refiner.predict[-1].weight.normal_(0.0, 0.05)
+    save_refiner(run / REFINER_FILE, refiner.eval(), CLASSES, {"settings": {}, "best_epoch": 1, "history": [],
+                                                              "best": {"val_iou_before": 0.6, "val_iou_after": 0.7},
+                                                              "train_seconds": 1.0})
+    return run
+
+
+def boxes_of(detections) -> torch.Tensor:
+    return torch.tensor([d.box for d in detections])
+
+
+def test_onnx_export_carries_the_refiner_and_gives_the_torch_boxes(refined_run, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(refined_run), "--out", str(out)]) == 0
+    assert "box refiner" in capsys.readouterr().out
+    assert (tmp_path / "model.refiner.onnx").is_file()
+    assert json.loads(out.with_suffix(".json").read_text())["refiner"]["file"] == "model.refiner.onnx"
+    torch_detector, onnx_detector = Detector.load(refined_run, tile="off"), Detector.load(out, tile="off")
+    unrefined = Detector.load(refined_run, tile="off", refine=False)
+    assert onnx_detector.refiner is not None
+    image = textured(48, 64, seed=2)
+    expected, got, raw = torch_detector.predict(image), onnx_detector.predict(image), unrefined.predict(image)
+    assert expected and [d.label for d in got] == [d.label for d in expected]
+    assert torch.allclose(boxes_of(got), boxes_of(expected), atol=1e-3)
+    assert not torch.allclose(boxes_of(expected), boxes_of(raw), atol=0.5)  # the refiner did move them
+
+    (tmp_path / "model.refiner.onnx").unlink()
+    with pytest.raises(MetalDefectError, match="model.refiner.onnx: the box refiner named in model.json is missing"):
+        Detector.load(out)
+    assert Detector.load(out, refine=False).refiner is None
+    assert main(["export", str(refined_run), "--out", str(tmp_path / "plain.onnx"), "--no-refine"]) == 0
+    assert not (tmp_path / "plain.refiner.onnx").exists()
+
+
+def test_the_refiner_is_packaged_with_the_builtin_model(refined_run, tmp_path, monkeypatch):
+    folder = builtin.package_run(refined_run, tmp_path / "builtin_model")
+    assert (folder / "refiner.safetensors").is_file()
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["refiner"]["kwargs"] == {"num_classes": 3, "crop": 16, "context": 1.5, "width": 8}
+    assert "Box refiner" in (folder / "MODEL_CARD.md").read_text()
+    monkeypatch.setattr(builtin, "BUILTIN_DIR", folder)
+    image = textured(48, 64, seed=4)
+    packaged, run = Detector.load("builtin", tile="off", conf=0.3), Detector.load(refined_run, tile="off", conf=0.3)
+    assert packaged.refiner is not None
+    assert [d.to_dict() for d in packaged.predict(image)] == [d.to_dict() for d in run.predict(image)]
+
+
+def test_a_refiner_of_other_classes_is_refused(refined_run, tmp_path):
+    other = make_run(tmp_path / "other")
+    saved = torch.load(refined_run / REFINER_FILE, weights_only=False)
+    saved["classes"] = ["a", "b", "c"]
+    torch.save(saved, other / REFINER_FILE)
+    with pytest.raises(MetalDefectError, match="trained on classes"):
+        Detector.load(other)
+    (other / REFINER_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(MetalDefectError, match="refiner.pt: cannot read checkpoint"):
+        Detector.load(other)
