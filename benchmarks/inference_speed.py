@@ -4,7 +4,9 @@
 
 The model is DINOv2 ViT-S/14 (offline weights) with the dense detection head at random
 initialisation: speed does not depend on the head's weights. ``--builtin`` also measures
-the packaged built-in model at its own input size. Each backend runs in its own fresh
+the packaged built-in model at its own input size, with and without its box refiner, on the
+packaged NEU-DET samples (the refiner's cost grows with the number of detections, and noise
+gives a trained model almost none). Each backend runs in its own fresh
 process so that its peak resident memory (``resource.getrusage`` maxrss, which includes the
 Python and torch runtime every backend imports) is its own. The parent process never loads a
 model (runs are made and exported in a child too): Linux carries a parent's peak RSS over
@@ -12,11 +14,12 @@ fork and exec into the child's maxrss, so a heavy parent would inflate every wor
 
 Per configuration it reports the median over ``--repeats`` timed calls (after ``--warmup``
 untimed ones) of:
-- end to end: ``Detector.predict_batch`` on 200 x 200 uint8 images (resize, network, decode, NMS);
+- end to end: ``Detector.predict_batch`` on 200 x 200 uint8 images (resize, network, decode, NMS,
+  and the box refiner when the model has one);
 - network: the forward pass alone on a ready ``[batch, 3, S, S]`` tensor;
 and the median of ``--large-repeats`` predictions of one 2048 x 1000 image (GC10-DET's size),
-tiled automatically. The images are random noise; a random head finds almost nothing in them,
-so decoding costs about what it costs on clean plates.
+tiled automatically (random noise). The random head's images are random noise too; it finds almost
+nothing in them, so decoding costs about what it costs on clean plates.
 """
 from __future__ import annotations
 
@@ -52,11 +55,11 @@ def make_random_head_run(folder: Path, input_size: int) -> Path:
 
 
 def export(source: str, out: Path) -> Path:
-    from metaldefect.inference.detector import load_torch_model
+    from metaldefect.inference.detector import load_model_refiner, load_torch_model
     from metaldefect.inference.onnx_export import export_onnx
 
     model, classes, spec, card = load_torch_model(source)
-    return export_onnx(model, classes, spec, out, card)
+    return export_onnx(model, classes, spec, out, card, refiner=load_model_refiner(source, classes))
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -74,9 +77,17 @@ def worker(args: argparse.Namespace) -> None:
 
     from metaldefect.inference.detector import Detector
 
-    detector = Detector.load(args.source, backend=args.backend, tile="off", conf=0.3, threads=args.threads or None)
+    detector = Detector.load(args.source, backend=args.backend, tile="off", conf=0.3, threads=args.threads or None,
+                             refine=not args.no_refine)
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, size=(200, 200, 3), dtype=np.uint8) for _ in range(max(args.batches))]
+    if args.samples:
+        from metaldefect.data.images import load_image
+        from metaldefect.inference.builtin import sample_images
+
+        samples = [load_image(path) for path in sample_images()]
+        images = [samples[i % len(samples)] for i in range(max(args.batches))]
+    else:
+        images = [rng.integers(0, 256, size=(200, 200, 3), dtype=np.uint8) for _ in range(max(args.batches))]
     size = detector.input_size
     results = []
     for batch in args.batches:
@@ -138,6 +149,8 @@ def main() -> None:
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--no-refine", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--samples", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -147,15 +160,16 @@ def main() -> None:
     load_before = os.getloadavg()
     rows, large, threads = [], [], {}
     with tempfile.TemporaryDirectory(prefix="metaldefect-speed-") as tmp:
-        models = [(f"ViT-S/14 + dense (random head), {size}", str(size)) for size in args.sizes]
+        models = [(f"ViT-S/14 + dense (random head), {size}", str(size), []) for size in args.sizes]
         if args.builtin:
-            models.append(("built-in model", "builtin"))
+            models += [("built-in model, samples", "builtin", ["--samples"]),
+                       ("built-in model without its refiner, samples", "builtin", ["--samples", "--no-refine"])]
         timing = ["--batches", *map(str, args.batches), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                   "--large-repeats", str(args.large_repeats), "--threads", str(args.threads)]
-        for label, source in models:
+        for label, source, options in models:
             prepared = run_child("--prepare", "--source", source, "--folder", tmp)
             for backend, model_source in (("torch", prepared["source"]), ("onnx", prepared["onnx"])):
-                measured = run_child("--worker", "--source", model_source, "--backend", backend, *timing)
+                measured = run_child("--worker", "--source", model_source, "--backend", backend, *timing, *options)
                 threads[backend] = measured["torch_threads"]
                 rows += [{"model": label, **row} for row in measured["results"]]
                 if measured["large"]:

@@ -17,7 +17,8 @@ from metaldefect.errors import MetalDefectError
 from metaldefect.inference import builtin
 from metaldefect.inference.detector import Detector
 from metaldefect.inference.evaluation import split_records
-from metaldefect.models.refiner import BoxRefiner, apply_deltas, crop_boxes, encode_deltas, gray_image
+from metaldefect.models.refiner import (BoxRefiner, apply_deltas, crop_boxes, encode_deltas, gray_image,
+                                       mirrored_deltas)
 
 
 def test_deltas_encode_and_apply_as_inverses():
@@ -52,6 +53,32 @@ def test_a_new_refiner_leaves_boxes_alone_and_a_refined_box_stays_valid_and_insi
     assert torch.equal(refiner.refine(image, boxes, torch.tensor([0, 2])), boxes)  # kept as detected
     with pytest.raises(ValueError, match="multiple of 16"):
         BoxRefiner(num_classes=3, crop=20)
+
+
+def test_refinement_averaged_over_flips_mirrors_with_the_image():
+    """Mirroring the image and its boxes mirrors the refined boxes: the four views' deltas are mapped back
+    to the sides they move (a wrong mapping, or none, breaks this for a refiner whose deltas are not zero)."""
+    torch.manual_seed(0)
+    refiner = BoxRefiner(num_classes=2, crop=16, width=8).eval()
+    with torch.no_grad():
+        refiner.predict[-1].weight.normal_(0.0, 0.2)
+        refiner.predict[-1].bias.copy_(torch.tensor([0.5, -0.3, 0.2, 0.4]))
+    image = gray_image(textured(40, 60, seed=5))
+    boxes, labels = torch.tensor([[5.0, 6.0, 30.0, 20.0], [35.0, 10.0, 52.0, 37.0]]), torch.tensor([0, 1])
+    refined = refiner.refine(image, boxes, labels)
+    assert not torch.allclose(refined, boxes, atol=0.5)
+
+    def left_right(b):
+        return torch.stack([60 - b[:, 2], b[:, 1], 60 - b[:, 0], b[:, 3]], dim=1)
+
+    def up_down(b):
+        return torch.stack([b[:, 0], 40 - b[:, 3], b[:, 2], 40 - b[:, 1]], dim=1)
+
+    assert torch.allclose(refiner.refine(image.flip(-1), left_right(boxes), labels), left_right(refined), atol=1e-4)
+    assert torch.allclose(refiner.refine(image.flip(-2), up_down(boxes), labels), up_down(refined), atol=1e-4)
+    # One view's deltas, mapped back: moving the left side out is moving the mirrored box's right side out.
+    assert mirrored_deltas(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), True, False).tolist() == [[-3.0, 2.0, -1.0, 4.0]]
+    assert mirrored_deltas(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), True, True).tolist() == [[-3.0, -4.0, -1.0, -2.0]]
 
 
 def test_jitter_moves_each_side_by_the_given_fraction_and_keeps_valid_boxes():
@@ -117,6 +144,11 @@ def test_refine_refusals_are_one_line_and_leave_the_run_alone(dense_run, tmp_pat
     assert main(["refine", str(dense_run)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {dense_run / REFINER_FILE} exists; pass --force to replace it"
     assert (dense_run / REFINER_FILE).read_bytes() == before
+    assert main(["refine", str(dense_run), "--force", "--crop", "40"]) == 2
+    assert "--crop must be a multiple of 16" in capsys.readouterr().err
+    assert main(["refine", str(dense_run), "--force", "--jitter", "1.5"]) == 2
+    assert "--jitter in (0, 1)" in capsys.readouterr().err
+    assert (dense_run / REFINER_FILE).read_bytes() == before
     assert main(["refine", str(tmp_path)]) == 2
     assert "not a training run" in capsys.readouterr().err
     classifier = make_run(tmp_path / "classifier", head="classifier")
@@ -170,7 +202,7 @@ def test_the_refiner_is_packaged_with_the_builtin_model(refined_run, tmp_path, m
     folder = builtin.package_run(refined_run, tmp_path / "builtin_model")
     assert (folder / "refiner.safetensors").is_file()
     card = json.loads((folder / "model_card.json").read_text())
-    assert card["refiner"]["kwargs"] == {"num_classes": 3, "crop": 16, "context": 1.5, "width": 8}
+    assert card["refiner"]["kwargs"] == {"num_classes": 3, "crop": 16, "context": 2.0, "width": 8}
     assert "Box refiner" in (folder / "MODEL_CARD.md").read_text()
     monkeypatch.setattr(builtin, "BUILTIN_DIR", folder)
     image = textured(48, 64, seed=4)

@@ -14,8 +14,12 @@ def register(subparsers) -> None:
                     "--no-refine turns it off.")
     parser.add_argument("run", metavar="RUN", help="training run directory of a detector (with split/)")
     parser.add_argument("--epochs", type=int, default=48, help="passes over the training images (default: 48)")
-    parser.add_argument("--jitter", type=float, default=0.12,
-                        help="side noise as a fraction of the box's width or height (default: 0.12)")
+    parser.add_argument("--jitter", type=float, default=0.16,
+                        help="side noise as a fraction of the box's width or height (default: 0.16)")
+    parser.add_argument("--crop", type=int, default=48,
+                        help="side in pixels of the crop the refiner sees, a multiple of 16 (default: 48)")
+    parser.add_argument("--context", type=float, default=2.0,
+                        help="crop size over the box's size, at least 1 (default: 2.0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace the run's existing refiner.pt")
     parser.set_defaults(handler=run_refine)
@@ -38,12 +42,16 @@ def run_refine(args) -> int:
         raise MetalDefectError(f"{target} exists; pass --force to replace it")
     if args.epochs < 1 or not 0 < args.jitter < 1:
         raise MetalDefectError(f"--epochs must be at least 1 and --jitter in (0, 1); got {args.epochs}, {args.jitter}")
+    if args.crop < 16 or args.crop % 16 or args.context < 1:
+        raise MetalDefectError(f"--crop must be a multiple of 16 (at least 16) and --context at least 1; "
+                               f"got {args.crop}, {args.context}")
     checkpoint = load_checkpoint(run / "checkpoint_best.pt")
     head_name = (checkpoint.get("model_spec") or {}).get("head_name")
     if head_name is None or head_class(head_name).task != "detect":
         raise MetalDefectError(f"{run}: not a detector run (head {head_name}); a box refiner needs boxes")
     classes = list(checkpoint["classes"])
-    settings = RefinerSettings(epochs=args.epochs, jitter=args.jitter, seed=args.seed)
+    settings = RefinerSettings(epochs=args.epochs, jitter=args.jitter, crop=args.crop, context=args.context,
+                               seed=args.seed)
     refiner, summary = train_refiner(split_records(run, "train"), split_records(run, "val"), classes, settings,
                                      progress=sys.stderr.isatty())
     # The detector's val mAP without and with the refiner, through the product path (written after saving,

@@ -40,11 +40,11 @@ class RefinerSettings:
     epochs: int = 48
     images_per_batch: int = 16
     jitters_per_box: int = 4  # jittered copies of each labelled box per epoch
-    jitter: float = 0.12  # standard deviation of a side's move, as a fraction of the box's width or height
+    jitter: float = 0.16  # standard deviation of a side's move, as a fraction of the box's width or height
     lr: float = 0.002
     weight_decay: float = 0.05
     crop: int = 48
-    context: float = 1.5
+    context: float = 2.0
     width: int = 32
     seed: int = 0
 

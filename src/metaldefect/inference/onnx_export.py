@@ -16,7 +16,7 @@ Sidecar ``<name>.json`` beside ``<name>.onnx``::
     {"format": "metaldefect-onnx", "format_version": 1, "input_name": "images",
      "output_names": [...], "input_size": S, "classes": [...], "task": "detect",
      "head": "dense", "head_kwargs": {...}, "in_dims": {...}, "opset": 18, "card": {...},
-     "refiner": {"file": "<name>.refiner.onnx", "crop": 48, "context": 1.5}}   (with a refiner only)
+     "refiner": {"file": "<name>.refiner.onnx", "crop": 48, "context": 2.0}}   (with a refiner only)
 """
 from __future__ import annotations
 
