@@ -116,8 +116,10 @@ def test_onnx_backend_from_a_run_exports_then_runs_the_graph(exported, run_dir, 
 
     written = []
 
-    def copy_export(model, classes, spec, out_path, card=None, opset=18):  # the fixture's export, not a second one
+    def copy_export(model, classes, spec, out_path, card=None, opset=18, refiner=None):
+        """The fixture's export, not a second one."""
         assert classes == CLASSES and spec["head_name"] == "dense" and card["name"] == "tiny_dense"
+        assert refiner is None  # the run has no refiner.pt
         out_path.write_bytes(exported.read_bytes())
         out_path.with_suffix(".json").write_text(exported.with_suffix(".json").read_text())
         written.append(out_path)

@@ -141,8 +141,9 @@ def mirrored_deltas(deltas: torch.Tensor, horizontal: bool, vertical: bool) -> t
 
 
 # The refiner is trained on flipped images, so it sees each crop as is and mirrored three ways at
-# inference, and the four answers, mapped back, are averaged: on the built-in model's val split
-# this raised mAP@0.5:0.95 from 0.367 to 0.374 over one view (docs/benchmarks.md, session 11).
+# inference, and the four answers, mapped back, are averaged: with the built-in model's refiner this
+# gave val mAP@0.5 0.728 and mAP@0.5:0.95 0.373 against 0.721 and 0.369 from one view
+# (docs/benchmarks.md, session 11).
 FLIP_VIEWS = ((False, False), (True, False), (False, True), (True, True))
 
 
