@@ -81,6 +81,23 @@ def test_refinement_averaged_over_flips_mirrors_with_the_image():
     assert mirrored_deltas(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), True, True).tolist() == [[-3.0, -4.0, -1.0, -2.0]]
 
 
+def test_refining_a_few_boxes_at_a_time_gives_the_same_boxes(monkeypatch):
+    from metaldefect.models import refiner as refiner_module
+
+    torch.manual_seed(2)
+    refiner = BoxRefiner(num_classes=2, crop=16, width=8).eval()
+    with torch.no_grad():
+        refiner.predict[-1].weight.normal_(0.0, 0.2)
+    image = gray_image(textured(50, 70, seed=6))
+    corners = torch.rand(7, 2) * torch.tensor([40.0, 25.0])
+    boxes = torch.cat([corners, corners + torch.tensor([20.0, 15.0])], dim=1)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    whole = refiner.refine(image, boxes, labels)
+    monkeypatch.setattr(refiner_module, "BOXES_PER_CALL", 3)
+    assert torch.allclose(refiner.refine(image, boxes, labels), whole, atol=1e-5)
+    assert not torch.allclose(whole, boxes, atol=0.1)
+
+
 def test_jitter_moves_each_side_by_the_given_fraction_and_keeps_valid_boxes():
     boxes = torch.tensor([[100.0, 100.0, 200.0, 150.0]])  # far enough inside that clipping never cuts the noise
     noisy, source = jitter_boxes(boxes, 0.1, 4000, (400, 400), torch.Generator().manual_seed(0))
