@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from safetensors.torch import load_file
 
+    from metaldefect.atomic import staged_directory
     from metaldefect.engine.checkpoint import save_checkpoint
     from metaldefect.inference import builtin
 
@@ -41,15 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise MetalDefectError(f"{split_dir}: no {', '.join(missing)} (make it with metaldefect data split)")
         card = builtin.read_json(folder / builtin.CARD_FILE)
-        (out / "split").mkdir(parents=True)
-        for name in SPLIT_FILES:
-            if (split_dir / name).is_file():
-                shutil.copyfile(split_dir / name, out / "split" / name)
-        for name in builtin.RUN_FILES:
-            shutil.copyfile(folder / name, out / name)
-        save_checkpoint(out / "checkpoint_best.pt", {
-            "part": card["part"], "state": load_file(str(folder / builtin.WEIGHTS_FILE)),
-            "model_spec": card["model_spec"], "classes": card["classes"], "weights": card["backbone_weights"]})
+        with staged_directory(out) as staging:  # the run appears whole or not at all
+            (staging / "split").mkdir()
+            for name in SPLIT_FILES:
+                if (split_dir / name).is_file():
+                    shutil.copyfile(split_dir / name, staging / "split" / name)
+            for name in builtin.RUN_FILES:
+                shutil.copyfile(folder / name, staging / name)
+            save_checkpoint(staging / "checkpoint_best.pt", {
+                "part": card["part"], "state": load_file(str(folder / builtin.WEIGHTS_FILE)),
+                "model_spec": card["model_spec"], "classes": card["classes"], "weights": card["backbone_weights"]})
     except MetalDefectError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

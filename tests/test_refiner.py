@@ -9,7 +9,6 @@ import pytest
 import torch
 from inference_factory import CLASSES, make_run, textured
 from synthetic_defects import make_dataset, write_config
-from torchvision.ops import box_iou
 
 from metaldefect.cli import main
 from metaldefect.engine.refine import REFINER_FILE, RefinerSettings, jitter_boxes, save_refiner, train_refiner

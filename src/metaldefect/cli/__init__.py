@@ -12,7 +12,8 @@ import sys
 from metaldefect.errors import MetalDefectError
 
 # Command-group modules under metaldefect.cli, each with register(subparsers).
-COMMAND_MODULES = ["data", "train", "ensemble", "refine", "evaluate", "predict", "export", "demo", "serve", "weights", "features"]
+COMMAND_MODULES = ["data", "train", "ensemble", "refine", "evaluate", "predict", "export", "demo", "serve", "weights",
+                   "features"]
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

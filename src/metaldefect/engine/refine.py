@@ -210,5 +210,6 @@ def load_refiner(path: str | Path, classes: list[str]) -> BoxRefiner:
     try:
         refiner.load_state_dict(saved["state"])
     except RuntimeError as error:
-        raise MetalDefectError(f"{path}: weights do not fit the refiner ({' '.join(str(error).split())[:200]})") from None
+        raise MetalDefectError(f"{path}: weights do not fit the refiner "
+                               f"({' '.join(str(error).split())[:200]})") from None
     return refiner.eval()

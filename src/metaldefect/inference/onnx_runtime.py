@@ -45,8 +45,8 @@ def _session(path: Path, threads: int | None):
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Spinning worker threads (ONNX Runtime's default) keep the cores busy between runs, starving torch's
     # threads (resize, decode, the refiner's crops) and a second session (the box refiner). With the built-in
-    # model on 2 cores, one sample end to end: 116 ms without spinning against 127 ms with it, and 126
-    # against 282 ms with the box refiner (session 11, docs/benchmarks.md "Inference speed").
+    # model on 2 cores, one sample end to end: 116 ms without spinning against 127-134 ms with it, and 126
+    # against 273-282 ms with the box refiner (session 11, docs/benchmarks.md "Inference speed").
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
