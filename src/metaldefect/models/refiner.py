@@ -1,7 +1,8 @@
 """A second stage that moves a detection's sides onto the defect's edges, from the pixels around it.
 
 A frozen ViT sees the image in patches of 12.5 px (NEU-DET at 224 px), so the dense head
-places a box side only roughly; NEU-DET's inclusions and scratches are 11-13 px across.
+places a box side only roughly; the short side of a NEU-DET inclusion's or scratch's box is
+25 or 19 px (medians), two patches or less.
 The refiner looks at each detected box again at the image's own resolution: the box,
 enlarged by ``context`` around its centre, is cut out of the grayscale image with
 ``torchvision.ops.roi_align`` and resampled to ``crop x crop`` pixels, so every box,
