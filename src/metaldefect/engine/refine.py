@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from metaldefect.data.images import load_image
 from metaldefect.data.records import Record
+from metaldefect.data.transforms import random_view, view_boxes, view_image
 from metaldefect.engine.checkpoint import load_checkpoint, save_checkpoint
 from metaldefect.errors import MetalDefectError
 from metaldefect.models.refiner import BoxRefiner, apply_deltas, encode_deltas, gray_image
@@ -66,14 +67,13 @@ class LabelledImages(Dataset):
         pairs = [(box, self.index[label]) for box, label in zip(record.boxes, record.labels) if label in self.index]
         boxes = torch.tensor([box for box, _ in pairs], dtype=torch.float32)
         labels = torch.tensor([label for _, label in pairs], dtype=torch.long)
+        if not self.flips:
+            return image, boxes, labels
+        # Each flip with p = 1/2, independently: the four views of a rectangle that keep its shape, uniformly.
+        view = random_view(("hflip", "vflip", "rot180"))
         height, width = image.shape[-2:]
-        if self.flips and torch.rand(()) < 0.5:
-            image, boxes = image.flip(-1), torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0],
-                                                        boxes[:, 3]], dim=1)
-        if self.flips and torch.rand(()) < 0.5:
-            image, boxes = image.flip(-2), torch.stack([boxes[:, 0], height - boxes[:, 3], boxes[:, 2],
-                                                        height - boxes[:, 1]], dim=1)
-        return image, boxes, labels
+        scale = boxes.new_tensor([width, height, width, height])  # view_boxes takes normalised boxes
+        return view_image(image, view), view_boxes(boxes / scale, view) * scale, labels
 
 
 def collate_padded(items):
