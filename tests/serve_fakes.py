@@ -39,6 +39,7 @@ class FakeDetector:
         self.classes = list(CLASSES)
         self.input_size = 224
         self.card = CARD
+        self.refiner = object()  # stands for a box refiner: /v1/model and the page say it is on
         self.hold = hold
         self.error = error
         self.entered = threading.Event()

@@ -225,6 +225,7 @@ def test_model_reports_the_card(client):
     assert body["detection_metrics"]["val"] == {"num_images": 288, "map50": 0.71, "map": 0.35}
     assert (body["name"], body["input_size"], body["score_threshold"]) == ("fake-model", 224, 0.3)
     assert body["training_command"] == "metaldefect train configs/neu_det_dense.yaml"
+    assert body["box_refiner"] is True
 
 
 def test_page_and_its_assets(client):
@@ -275,6 +276,7 @@ def test_detect_with_a_real_run(tmp_path):
     assert (response.json()["width"], response.json()["height"]) == (56, 40)
     assert model["classes"] == RUN_CLASSES and model["backbone"] == "vit_tiny_patch16_224"
     assert model["name"] == "tiny" and model["metrics"]["test"]["map50"] == 0.2
+    assert model["box_refiner"] is False  # the tiny run has no refiner.pt
 
 
 # --- metaldefect serve

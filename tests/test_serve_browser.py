@@ -116,6 +116,7 @@ def test_page_draws_boxes_lists_defects_and_filters_them(browser, tmp_path):
     with Server(create_app(FakeDetector())) as url:
         browser.get(url + "/")
         wait_for(browser, lambda d: "fake-model" in d.find_element(By.ID, "model-info").text, what="the model info")
+        assert "Box refiner" in browser.find_element(By.ID, "model-info").text
         assert browser.find_element(By.ID, "conf-value").text == "0.30"  # the model's threshold
         upload(browser, samples + [tiff, not_an_image])
         wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result[data-state=done]")) == 3

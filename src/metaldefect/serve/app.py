@@ -76,6 +76,8 @@ class ModelResponse(BaseModel):
     metrics: dict | None = Field(description="best epoch, validation and test metrics of the run")
     detection_metrics: dict | None = Field(
         default=None, description="COCO mAP, per-class AP@0.5, precision and recall per split (packaged models)")
+    box_refiner: bool = Field(default=False, description="whether a box refiner (`metaldefect refine`) moves "
+                                                         "the detections' sides; the metrics include it")
 
 
 ERRORS = {
@@ -111,6 +113,7 @@ def model_info(detector) -> dict:
         "split": card.get("split"),
         "metrics": card.get("metrics"),
         "detection_metrics": card.get("detection_metrics"),
+        "box_refiner": getattr(detector, "refiner", None) is not None,
     }
 
 

@@ -43,7 +43,8 @@ async function loadModel() {
     el("model-info").innerHTML = "";
     el("model-info").append(
       chip("Model", model.name), chip("Backbone", model.backbone || "n/a"),
-      ...(weights ? [chip("Weights", weights)] : []), chip("Classes", String(model.classes.length)));
+      ...(weights ? [chip("Weights", weights)] : []), chip("Classes", String(model.classes.length)),
+      ...(model.box_refiner ? [chip("Box refiner", "on")] : []));
     el("drop-hint").textContent = `JPEG, PNG, BMP or TIFF · up to ${formatBytes(health.max_upload_bytes)} each · several at once`;
     renderLegend();
   } catch (error) {
