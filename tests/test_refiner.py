@@ -11,7 +11,10 @@ from inference_factory import CLASSES, make_run, textured
 from synthetic_defects import make_dataset, write_config
 
 from metaldefect.cli import main
-from metaldefect.engine.refine import REFINER_FILE, RefinerSettings, jitter_boxes, save_refiner, train_refiner
+from metaldefect.data.images import load_image
+from metaldefect.engine import refine
+from metaldefect.engine.refine import (REFINER_FILE, LabelledImages, RefinerSettings, jitter_boxes, save_refiner,
+                                      train_refiner, training_dtype)
 from metaldefect.errors import MetalDefectError
 from metaldefect.inference import builtin
 from metaldefect.inference.detector import Detector
@@ -124,13 +127,40 @@ def dense_run(tmp_path_factory) -> Path:
     return root / "runs" / "dense"
 
 
-def test_the_refiner_learns_to_undo_jitter_on_sharp_edged_defects(dense_run):
-    settings = RefinerSettings(epochs=12, images_per_batch=8, jitters_per_box=8, crop=32, width=8, lr=0.004)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_refiner_learns_to_undo_jitter_on_sharp_edged_defects(dense_run, precision):
+    settings = RefinerSettings(epochs=12, images_per_batch=8, jitters_per_box=8, crop=32, width=8, lr=0.004,
+                               precision=precision)
     refiner, summary = train_refiner(split_records(dense_run, "train"), split_records(dense_run, "val"),
                                      ["patches", "pitted_surface", "scratches"], settings, progress=False)
     best = summary["best"]
     assert len(summary["history"]) == 12 and summary["best_epoch"] == best["epoch"]
     assert best["val_iou_after"] > best["val_iou_before"] + 0.05, best
+    # Trained channels-last and maybe in bf16, it is handed back as the float32, contiguous network inference runs.
+    assert summary["precision"] == {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    weights = [w for w in refiner.state_dict().values() if w.is_floating_point()]
+    assert all(w.dtype == torch.float32 and w.is_contiguous() for w in weights)
+
+
+def test_decoded_images_are_kept_up_to_the_byte_budget_and_equal_a_fresh_decode(dense_run, monkeypatch):
+    records = split_records(dense_run, "train")
+    classes = ["patches", "pitted_surface", "scratches"]
+    images = LabelledImages(records, classes, flips=False)
+    first = images[0][0]
+    assert images.cache and images[0][0] is first  # the second read comes from memory
+    monkeypatch.setattr(refine, "CACHE_BYTES", int(first.nbytes * 1.5))  # room for one image
+    images = LabelledImages(records, classes, flips=False)
+    for item in range(len(images)):
+        fresh = gray_image(load_image(images.records[item].path))[0]
+        assert torch.equal(images[item][0], fresh)
+    assert list(images.cache) == [0] and images.cached_bytes == first.nbytes
+
+
+def test_an_unknown_training_precision_is_refused():
+    assert training_dtype("fp32") == torch.float32 and training_dtype("bf16") == torch.bfloat16
+    assert training_dtype("auto") in (torch.float32, torch.bfloat16)
+    with pytest.raises(MetalDefectError, match="precision must be one of auto, fp32, bf16"):
+        training_dtype("fp16")
 
 
 def test_refine_cli_writes_the_refiner_and_the_detector_applies_it(dense_run, capsys):
@@ -225,6 +255,16 @@ def test_the_refiner_is_packaged_with_the_builtin_model(refined_run, tmp_path, m
     packaged, run = Detector.load("builtin", tile="off", conf=0.3), Detector.load(refined_run, tile="off", conf=0.3)
     assert packaged.refiner is not None
     assert [d.to_dict() for d in packaged.predict(image)] == [d.to_dict() for d in run.predict(image)]
+
+
+def test_the_service_says_whether_it_refines_boxes(refined_run):
+    from fastapi.testclient import TestClient
+
+    from metaldefect.serve.app import create_app
+
+    for enabled in (True, False):
+        with TestClient(create_app(Detector.load(refined_run, refine=enabled))) as client:
+            assert client.get("/v1/model").json()["box_refiner"] is enabled
 
 
 def test_a_refiner_of_other_classes_is_refused(refined_run, tmp_path):

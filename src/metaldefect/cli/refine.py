@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     parser.add_argument("--context", type=float, default=2.0,
                         help="crop size over the box's size, at least 1 (default: 2.0)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="training arithmetic: bf16 autocast is about 2x faster on CPUs with AMX or AVX512-BF16, "
+                             "emulated and slower elsewhere; auto picks it where it is native (default: auto)")
     parser.add_argument("--force", action="store_true", help="replace the run's existing refiner.pt")
     parser.set_defaults(handler=run_refine)
 
@@ -51,7 +54,7 @@ def run_refine(args) -> int:
         raise MetalDefectError(f"{run}: not a detector run (head {head_name}); a box refiner needs boxes")
     classes = list(checkpoint["classes"])
     settings = RefinerSettings(epochs=args.epochs, jitter=args.jitter, crop=args.crop, context=args.context,
-                               seed=args.seed)
+                               seed=args.seed, precision=args.precision)
     refiner, summary = train_refiner(split_records(run, "train"), split_records(run, "val"), classes, settings,
                                      progress=sys.stderr.isatty())
     # The detector's val mAP without and with the refiner, through the product path (written after saving,
@@ -66,7 +69,8 @@ def run_refine(args) -> int:
     write_history(run / "refiner_history.csv", summary["history"])
     plot_refiner_curves(summary["history"], run / "refiner_curves.png", title=f"{run.name}: box refiner")
     best = summary["best"]
-    print(f"box refiner: {target} (best epoch {summary['best_epoch']}, {summary['train_seconds']:.0f} s)")
+    print(f"box refiner: {target} (best epoch {summary['best_epoch']}, {summary['train_seconds']:.0f} s "
+          f"in {summary['precision']})")
     print(f"val IoU of jittered boxes {best['val_iou_before']:.3f} -> {best['val_iou_after']:.3f}")
     print(f"val mAP@0.5 {without.map50:.4f} -> {with_refiner.map50:.4f}, "
           f"mAP@0.5:0.95 {without.map:.4f} -> {with_refiner.map:.4f}")
