@@ -187,7 +187,7 @@ def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: st
     refiner = load_checkpoint(run_dir / REFINER_FILE) if (run_dir / REFINER_FILE).is_file() else None
     if refiner is not None:
         card["refiner"] = {key: refiner.get(key) for key in ("kwargs", "settings", "best_epoch", "best",
-                                                             "train_seconds")}
+                                                             "train_seconds", "precision")}
     with staged_directory(dest) as staging:
         write_bytes(staging / WEIGHTS_FILE, save(_tensors(checkpoint["state"])))  # save_file would leave it 0600
         if refiner is not None:
@@ -261,7 +261,8 @@ def card_markdown(card: dict) -> str:
         f"- Head: `{card['head']}` with `{json.dumps(card.get('head_kwargs') or {})}`",
         *([f"- Box refiner (`metaldefect refine`): `{json.dumps(card['refiner']['kwargs'])}`; it moves each "
            "detection's sides from a crop of the image around it (val IoU of jittered boxes "
-           f"{card['refiner']['best']['val_iou_before']:.3f} -> {card['refiner']['best']['val_iou_after']:.3f})"]
+           f"{card['refiner']['best']['val_iou_before']:.3f} -> {card['refiner']['best']['val_iou_after']:.3f}; "
+           f"trained in {card['refiner']['train_seconds']:.0f} s, {card['refiner'].get('precision') or 'float32'})"]
           if card.get("refiner") else []),
         f"- Input: {card['input_size']} x {card['input_size']} pixels; default score threshold "
         f"{card.get('score_threshold')}",
