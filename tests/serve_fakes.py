@@ -30,7 +30,7 @@ CARD = {"name": "fake-model", "task": "detect", "backbone": "vit_small_patch14_d
 
 
 class FakeDetector:
-    """Detector interface: ``predict``, ``score_threshold``, ``classes``, ``input_size``, ``card``.
+    """Detector interface: ``predict``, ``score_threshold``, ``classes``, ``input_size``, ``card``, ``refiner``.
 
     ``hold``: when given, ``predict`` sets ``entered`` and waits (up to 10 s) for ``hold`` to be set.
     """

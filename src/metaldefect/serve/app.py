@@ -123,7 +123,8 @@ def create_app(detector, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     """The service's FastAPI app around ``detector``.
 
     ``detector``: a loaded Detector, or any object with ``predict(image [H, W, 3] uint8, conf) ->
-    [Detection]``, ``score_threshold(conf=None) -> float``, ``classes``, ``input_size`` and ``card``.
+    [Detection]``, ``score_threshold(conf=None) -> float``, ``classes``, ``input_size`` and ``card``
+    (and ``refiner``, None or absent when no box refiner is applied).
     ``max_upload_bytes``: request bodies above it get 413. ``max_concurrency``: detections running
     at once; ``max_queue``: more may wait for a slot, beyond that 503. ``max_pixels``: decoded size limit.
     """
