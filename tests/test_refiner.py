@@ -14,7 +14,7 @@ from metaldefect.cli import main
 from metaldefect.data.images import load_image
 from metaldefect.engine import refine
 from metaldefect.engine.refine import (REFINER_FILE, LabelledImages, RefinerSettings, jitter_boxes, save_refiner,
-                                      train_refiner, training_dtype)
+                                      train_refiner)
 from metaldefect.errors import MetalDefectError
 from metaldefect.inference import builtin
 from metaldefect.inference.detector import Detector
@@ -154,13 +154,6 @@ def test_decoded_images_are_kept_up_to_the_byte_budget_and_equal_a_fresh_decode(
         fresh = gray_image(load_image(images.records[item].path))[0]
         assert torch.equal(images[item][0], fresh)
     assert list(images.cache) == [0] and images.cached_bytes == first.nbytes
-
-
-def test_an_unknown_training_precision_is_refused():
-    assert training_dtype("fp32") == torch.float32 and training_dtype("bf16") == torch.bfloat16
-    assert training_dtype("auto") in (torch.float32, torch.bfloat16)
-    with pytest.raises(MetalDefectError, match="precision must be one of auto, fp32, bf16"):
-        training_dtype("fp16")
 
 
 def test_refine_cli_writes_the_refiner_and_the_detector_applies_it(dense_run, capsys):

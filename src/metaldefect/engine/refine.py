@@ -33,6 +33,7 @@ from metaldefect.data.images import load_image
 from metaldefect.data.records import Record
 from metaldefect.data.transforms import random_view, view_boxes, view_image
 from metaldefect.engine.checkpoint import load_checkpoint, save_checkpoint
+from metaldefect.engine.precision import autocast, dtype_name, training_dtype
 from metaldefect.errors import MetalDefectError
 from metaldefect.models.refiner import BoxRefiner, apply_deltas, encode_deltas, gray_image
 
@@ -54,25 +55,6 @@ class RefinerSettings:
     width: int = 32
     seed: int = 0
     precision: str = "auto"  # of training: "fp32", "bf16" (autocast), or "auto": bf16 where the CPU has it natively
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AMX tiles or AVX512-BF16); elsewhere it is emulated, slower."""
-    # torch.cpu's feature probes are private, so a torch without them counts as "no".
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(probe is not None and probe() for probe in probes)
-
-
-def training_dtype(precision: str) -> torch.dtype:
-    """``torch.bfloat16`` or ``torch.float32`` for ``precision`` (one of :data:`PRECISIONS`)."""
-    if precision not in PRECISIONS:
-        raise MetalDefectError(f"refiner precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    if precision == "auto":
-        return torch.bfloat16 if native_bf16() else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 # Decoded images are kept in memory up to this many bytes a split (NEU-DET: 161 MB train, 46 MB val); larger
@@ -167,7 +149,7 @@ def train_one_epoch(refiner: BoxRefiner, loader, optimizer, scheduler, settings:
     refiner.train()
     total, count = 0.0, 0
     for batch in tqdm(loader, desc=f"refiner epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True):
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(dtype):
             loss, _ = refiner_loss(refiner, batch, settings)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -233,7 +215,7 @@ def train_refiner(train_records: list[Record], val_records: list[Record], classe
             best_state = {k: v.clone(memory_format=torch.contiguous_format) for k, v in refiner.state_dict().items()}
     refiner = refiner.to(memory_format=torch.contiguous_format)
     refiner.load_state_dict(best_state)
-    summary = {"settings": asdict(settings), "precision": str(dtype).removeprefix("torch."),
+    summary = {"settings": asdict(settings), "precision": dtype_name(dtype),
                "best_epoch": best["epoch"], "best": best, "history": history,
                "train_seconds": round(time.time() - started, 1)}
     return refiner.eval(), summary

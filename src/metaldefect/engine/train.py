@@ -35,6 +35,7 @@ from metaldefect.engine.checkpoint import capture_rng, load_checkpoint, restore_
 from metaldefect.engine.engine import evaluate, train_one_epoch, unwrap
 from metaldefect.engine.features import extract_features
 from metaldefect.engine.metrics import improved
+from metaldefect.engine.precision import dtype_name, training_dtype
 from metaldefect.engine.plots import plot_curves
 from metaldefect.engine.run_data import SPLITS, RunData, build_data, resolve_num_slots
 from metaldefect.engine.run_files import (epoch_summary, resolved_config, write_history, write_results,
@@ -74,12 +75,12 @@ def build_model(cfg: Config, data: RunData) -> tuple[DefectModel, dict]:
 
 
 def build_loaders(cfg: Config, data: RunData, model: DefectModel, dist: distributed.DistInfo,
-                  say=lambda text: print(text, file=sys.stderr)
+                  say=lambda text: print(text, file=sys.stderr), dtype: torch.dtype = torch.float32
                   ) -> tuple[dict[str, DataLoader], DistributedSampler, int]:
     """Loaders per split, the train sampler, and how many image views had to go through the backbone.
 
-    Frozen: features from the cache (rank 0 extracts what is missing first): the backbone's,
-    or with ``train.tune_blocks`` those of its frozen stem; else images.
+    Frozen: features from the cache (rank 0 extracts what is missing first, its forward passes
+    in ``dtype``): the backbone's, or with ``train.tune_blocks`` those of its frozen stem; else images.
     """
     computed = 0
     views = tuple(cfg.train.augment)
@@ -96,12 +97,13 @@ def build_loaders(cfg: Config, data: RunData, model: DefectModel, dist: distribu
         feature_sets = {}
         for turn in ("first", "rest"):  # rank 0 fills the cache; the others then read it
             if (turn == "first") == dist.is_main:
-                say(f"features: {extractor.name} at {cfg.model.input_size}px, views {('none', *views)} "
-                    f"(all but 'none' for train images only), cache {cache_dir}")
+                say(f"features: {extractor.name} at {cfg.model.input_size}px in {dtype_name(dtype)}, "
+                    f"views {('none', *views)} (all but 'none' for train images only), cache {cache_dir}")
                 for part, paths in wanted.items():
                     feature_sets[part] = extract_features(
                         extractor, paths, cache_dir, batch_size=cfg.train.batch_size,
-                        views=("none",) if part == "none" else views, progress=cfg.train.progress and dist.is_main)
+                        views=("none",) if part == "none" else views, progress=cfg.train.progress and dist.is_main,
+                        dtype=dtype)
             distributed.barrier()
         computed = sum(sum(feature_set.computed.values()) for feature_set in feature_sets.values())
         datasets = {name: FeatureDataset(_source(feature_sets, [str(r.path) for r in data.records[name]]),
@@ -194,8 +196,9 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
     data = build_data(cfg, say)
     model, spec = build_model(cfg, data)
     model.to(dist.device)
+    dtype = training_dtype(cfg.train.precision, dist.device)
     features_started = time.time()
-    loaders, train_sampler, features_computed = build_loaders(cfg, data, model, dist, say)
+    loaders, train_sampler, features_computed = build_loaders(cfg, data, model, dist, say, dtype)
     feature_seconds = time.time() - features_started
     if cfg.train.frozen and cfg.train.tune_blocks:
         module: nn.Module = TunedTail(model, stem_cut(model.backbone, cfg.train.tune_blocks))
@@ -204,6 +207,7 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
     else:
         model.set_trainable(cfg.train.trainable_layers)
         module = model
+    module.to(memory_format=torch.channels_last)  # train_one_epoch feeds it channels-last inputs
     if dist.distributed:
         module = nn.parallel.DistributedDataParallel(
             module, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None, broadcast_buffers=False)
@@ -255,7 +259,8 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
         train_sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_metrics = train_one_epoch(module, loaders["train"], optimizer, epoch, dist.device,
-                                        cfg.train.grad_clip, progress=cfg.train.progress and main, ema=ema)
+                                        cfg.train.grad_clip, progress=cfg.train.progress and main, ema=ema,
+                                        dtype=dtype)
         val_metrics, _ = evaluate(evaluated, loaders["val"], dist.device, progress=cfg.train.progress and main)
         scheduler.step()
         row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in train_metrics.items()},
@@ -288,14 +293,16 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
             say(f"early stopping: {monitor} has not improved for {state['stale']} epochs")
 
     timing = {"train_seconds": round(time.time() - started, 1), "feature_seconds": round(feature_seconds, 1),
-              "features_computed": features_computed}
+              "features_computed": features_computed, "precision": dtype_name(dtype)}
     _finish(cfg, run_dir, data, module, model, loaders, dist, history, state, base, timing)
     return run_dir
 
 
 def trained_state(trained: nn.Module) -> dict:
-    """What a checkpoint stores of the trained module (a head, a ``TunedTail`` or the whole model)."""
-    return trained.trained_state() if isinstance(trained, TunedTail) else trained.state_dict()
+    """What a checkpoint stores of the trained module (a head, a ``TunedTail`` or the whole model),
+    in the standard (contiguous) layout whatever the layout it trained in."""
+    state = trained.trained_state() if isinstance(trained, TunedTail) else trained.state_dict()
+    return {name: value.contiguous() for name, value in state.items()}
 
 
 def load_trained_state(trained: nn.Module, part: str, state: dict) -> None:

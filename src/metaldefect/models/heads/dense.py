@@ -299,8 +299,9 @@ class DenseHead(nn.Module):
             location, label = index // self.num_classes, index % self.num_classes
             candidates = image_boxes[location] * image_boxes.new_tensor([width, height, width, height])
             kept = batched_nms(candidates, values, label, self.nms_iou)[: self.max_detections]
-            detections.append([Detection(box=candidates[i].tolist(), label=classes[int(label[i])],
-                                         score=float(values[i])) for i in kept])
+            # One tolist() per tensor: indexing tensors box by box cost a third of a val pass's decoding.
+            detections.append([Detection(box=box, label=classes[k], score=score) for box, k, score in
+                               zip(candidates[kept].tolist(), label[kept].tolist(), values[kept].tolist())])
         return detections
 
 
