@@ -74,6 +74,17 @@ def test_confusion_matrix_counts_true_by_predicted():
                                                ("slots", {"num_slots": 2, "matching": "hungarian",
                                                           "class_layers": [64], "box_layers": [64], "box_dropout": 0.0})])
 def test_training_epochs_learn_a_separable_problem(head_name, kwargs):
+    learn_the_separable_problem(head_name, kwargs, torch.float32)
+
+
+@pytest.mark.parametrize("head_name, kwargs", [("classifier", {}), ("single", {"box_activation": "sigmoid"})])
+def test_bf16_training_steps_learn_and_keep_float32_weights(head_name, kwargs):
+    head = learn_the_separable_problem(head_name, kwargs, torch.bfloat16)
+    assert all(parameter.dtype == torch.float32 for parameter in head.parameters())
+
+
+def learn_the_separable_problem(head_name: str, kwargs: dict, dtype: torch.dtype):
+    """25 epochs on toy features with ``dtype`` training steps; asserts that the head learnt; returns it."""
     torch.manual_seed(0)
     head = create_head(head_name, IN_DIMS, 3, **kwargs)
     train_set, _ = toy_features(48, seed=0)
@@ -84,7 +95,8 @@ def test_training_epochs_learn_a_separable_problem(head_name, kwargs):
     device = torch.device("cpu")
     before, _ = evaluate(head, val_loader, device, progress=False)
     for epoch in range(1, 26):
-        train_metrics = train_one_epoch(head, train_loader, optimizer, epoch, device, grad_clip=1.0, progress=False)
+        train_metrics = train_one_epoch(head, train_loader, optimizer, epoch, device, grad_clip=1.0, progress=False,
+                                        dtype=dtype)
     after, confusion = evaluate(head, val_loader, device, num_labels=4, progress=False)
     assert {"loss", "accuracy"} <= set(train_metrics)
     assert after["loss"] < 0.5 * before["loss"]
@@ -92,6 +104,7 @@ def test_training_epochs_learn_a_separable_problem(head_name, kwargs):
     assert confusion.trace() == confusion.sum() and confusion[:3].sum() >= 24
     if head_name != "classifier":
         assert after["mae"] < before["mae"]
+    return head
 
 
 def test_training_stops_clearly_on_a_non_finite_loss():

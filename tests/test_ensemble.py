@@ -158,7 +158,24 @@ def test_an_ensembles_model_card_names_its_members_and_their_epochs(runs, tmp_pa
     assert main(["ensemble", str(runs / "a"), str(runs / "b"), "--out", str(out)]) == 0
     card = card_from_run(out, load_checkpoint(out / "checkpoint_best.pt"), command="metaldefect ensemble a b")
     epochs = [load_checkpoint(runs / name / "checkpoint_best.pt")["epoch"] for name in ("a", "b")]
-    assert card["members"] == [{"run": "a", "best_epoch": epochs[0]}, {"run": "b", "best_epoch": epochs[1]}]
+    costs = [json.loads((runs / name / "metrics.json").read_text()) for name in ("a", "b")]
+    assert card["members"] == [
+        {"run": name, "best_epoch": epoch, "train_seconds": cost["train_seconds"],
+         "feature_seconds": cost["feature_seconds"], "precision": cost["precision"]}
+        for name, epoch, cost in zip(("a", "b"), epochs, costs)]
     markdown = card_markdown({**card, "score_threshold": 0.5})
-    assert f"Ensemble of 2 dense heads, outputs averaged: run `a` (best epoch {epochs[0]}), run `b`" in markdown
+    assert (f"Ensemble of 2 dense heads, outputs averaged: run `a` (best epoch {epochs[0]}; trained in "
+            f"{costs[0]['train_seconds']:.0f} s") in markdown
+    assert f"run `b` (best epoch {epochs[1]}; trained in {costs[1]['train_seconds']:.0f} s" in markdown
+    assert markdown.count(f", {costs[0]['precision']})") == 2
     assert "Best epoch:" not in markdown
+
+
+def test_members_without_a_training_record_are_named_by_run_and_epoch_alone():
+    from metaldefect.inference.builtin import card_markdown
+
+    card = {"name": "old", "classes": ["a"], "backbone": "vit", "head": "dense_ensemble", "input_size": 224,
+            "training_command": "metaldefect ensemble x y",
+            "members": [{"run": "x", "best_epoch": 3}, {"run": "y", "best_epoch": 5, "train_seconds": 10.0}]}
+    markdown = card_markdown(card)
+    assert "run `x` (best epoch 3), run `y` (best epoch 5; trained in 10 s, float32)" in markdown

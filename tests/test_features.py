@@ -102,6 +102,21 @@ def test_same_keys_reuse_the_cache_and_any_changed_key_recomputes(tmp_path):
     assert len(entries) == 9 and not any(name.endswith(".partial") for name in entries)
 
 
+def test_bf16_features_have_their_own_entry_and_stay_close_to_float32(tmp_path):
+    paths = make_images(tmp_path / "images")
+    cache = tmp_path / "cache"
+    backbone = tiny_backbone()
+    full = extract_features(backbone, paths, cache, progress=False)["none"]
+    low = extract_features(backbone, paths, cache, progress=False, dtype=torch.bfloat16)
+    assert low.computed == {"none": 5} and low["none"].directory != full.directory
+    assert json.loads((low["none"].directory / "meta.json").read_text())["precision"] == "bfloat16"
+    assert "precision" not in json.loads((full.directory / "meta.json").read_text())  # float32 names are unchanged
+    for stored, reference in zip(low["none"].layers, full.layers):
+        reference = np.asarray(reference, dtype=np.float32)
+        error = np.linalg.norm(np.asarray(stored, dtype=np.float32) - reference) / np.linalg.norm(reference)
+        assert 0 < error < 0.05  # bf16 keeps 8 bits of mantissa: close, and not the same numbers
+
+
 def test_an_interrupted_extraction_resumes_where_it_stopped(tmp_path):
     paths = make_images(tmp_path / "images", count=7)
     backbone = tiny_backbone()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO_ROOT
@@ -109,6 +110,24 @@ def test_detecting_heads_log_the_paper_metrics(tmp_path, data, cache, head, kwar
         assert metrics["confusion_labels"][-1] == "no defect"
         assert 0.0 <= metrics["best"]["slot_acc_real"] <= metrics["best"]["slot_acc_all"] + 1.0
     assert (run / "confusion.png").stat().st_size > 0 and (run / "curves.png").stat().st_size > 0
+
+
+def test_bf16_training_records_its_precision_and_saves_standard_float32_weights(tmp_path, data):
+    cache = tmp_path / "cache"
+    config = write_config(tmp_path / "dense.yaml", data, cache, "dense",
+                          model={"backbone": "vit_tiny_patch16_224", "input_size": 64,
+                                 "head_kwargs": {"channels": 16, "num_convs": 1, "scales": [1.0, 0.5]}},
+                          train={"epochs": 2, "precision": "bf16", "monitor": "map50", "monitor_mode": "max"})
+    assert train(config, tmp_path / "runs") == 0
+    run = tmp_path / "runs" / "dense"
+    assert json.loads((run / "metrics.json").read_text())["precision"] == "bfloat16"
+    for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
+        state = load_checkpoint(run / name)["state"]
+        assert all(value.dtype == torch.float32 and value.is_contiguous() for value in state.values()
+                   if value.is_floating_point())
+    entries = [json.loads(meta.read_text()) for meta in cache.glob("*/meta.json")]
+    assert entries and all(entry["precision"] == "bfloat16" for entry in entries)  # the features, extracted in bf16
+    assert float(history(run)[-1]["train_loss"]) < float(history(run)[0]["train_loss"])
 
 
 def test_end_to_end_training_updates_only_the_trainable_layers(tmp_path, data, cache):

@@ -71,8 +71,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     as Keras reports them in the paper's curves. ``ema``, when given, is updated after every
     step; its warm-up counts steps from the first epoch, so a resumed run continues it exactly.
     ``dtype``: the forward pass runs under autocast to it (bf16), the loss in float32. Inputs go
-    channels-last: with the model's weights channels-last too (``train`` does that), convolutions
-    ran 1.15 times faster in float32 and 1.2 in bf16 in one timing of the dense head on this CPU.
+    channels-last: with the model's weights channels-last too (``train`` does that), a bf16 step
+    of the dense head took 0.35 s against 0.43 s in one timing on this project's CPU.
     """
     model.train()
     head = head_of(model)

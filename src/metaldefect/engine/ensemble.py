@@ -33,6 +33,8 @@ from metaldefect.errors import MetalDefectError
 
 # model_spec entries that belong to the head; every other entry must be the same in every member.
 HEAD_SPEC = ("head_name", "head_kwargs")
+# Kept from each member's metrics.json: what its training cost, and in which arithmetic.
+TRAINING_RECORD = ("train_seconds", "feature_seconds", "precision")
 
 
 def _member(run_dir: Path) -> dict:
@@ -55,6 +57,16 @@ def _same_tensors(a: dict | None, b: dict | None) -> bool:
 def _split_texts(run_dir: Path) -> dict[str, str]:
     return {name: (run_dir / "split" / name).read_text() for name in SPLIT_FILES
             if (run_dir / "split" / name).is_file()}
+
+
+def _training_record(run: Path) -> dict:
+    """What a member's ``metrics.json`` says of its training cost: seconds training and extracting features,
+    and the arithmetic (``{}`` for a run that has no metrics.json yet, or one written before these were kept)."""
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {key: metrics[key] for key in TRAINING_RECORD if key in metrics}
 
 
 def assemble_ensemble(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
@@ -91,8 +103,8 @@ def assemble_ensemble(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     spec = {**first["model_spec"], "head_name": "dense_ensemble", "head_kwargs": head_kwargs}
     state = {f"members.{index}.{key}": value
              for index, checkpoint in enumerate(checkpoints) for key, value in checkpoint["state"].items()}
-    members = [{"run": str(run.resolve()), "best_epoch": c.get("epoch"), "val": c.get("metrics")}
-               for run, c in zip(runs, checkpoints)]
+    members = [{"run": str(run.resolve()), "best_epoch": c.get("epoch"), "val": c.get("metrics"),
+                **_training_record(run)} for run, c in zip(runs, checkpoints)]
     first_cfg = load_config(runs[0] / "config.yaml")
     cfg = dataclasses.replace(first_cfg, name=out_dir.name, model=dataclasses.replace(
         first_cfg.model, head="dense_ensemble", head_kwargs=head_kwargs))
