@@ -14,6 +14,7 @@ from metaldefect.cli import main
 from metaldefect.data.images import load_image
 from metaldefect.data.transforms import to_input_tensor
 from metaldefect.engine.features import extract_features
+from metaldefect.engine.precision import training_dtype
 from metaldefect.errors import DataError
 from metaldefect.models import create_backbone
 
@@ -189,3 +190,10 @@ def test_cli_extracts_a_split_then_reuses_it(tmp_path, capsys):
     assert main(command) == 0 and "computed 2 images" in capsys.readouterr().out
     assert main(command) == 0
     assert "none: 2 images, reused from cache" in capsys.readouterr().out
+    # The default (auto) is bf16 or float32 by CPU; the other precision has entries of its own.
+    default = training_dtype("auto")
+    other = "fp32" if default == torch.bfloat16 else "bf16"
+    assert main([*command, "--precision", other]) == 0
+    out = capsys.readouterr().out
+    assert "none: 2 images, computed 2 images" in out
+    assert ("float32" if other == "fp32" else "bfloat16") in out.splitlines()[0]

@@ -9,6 +9,7 @@ from metaldefect.data.loading import FORMATS, load_dataset
 from metaldefect.data.split import read_split, select_split
 from metaldefect.data.transforms import VIEWS
 from metaldefect.engine.features import default_cache_dir, extract_features
+from metaldefect.engine.precision import dtype_name, training_dtype
 from metaldefect.models.backbones import DEFAULT_BACKBONE, create_backbone
 
 
@@ -33,6 +34,10 @@ def register(subparsers) -> None:
     extract.add_argument("--cache", metavar="DIR", help=f"cache folder (default: {default_cache_dir()})")
     extract.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     extract.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default: 0)")
+    extract.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                         help="arithmetic of the forward passes, as train.precision: auto is bf16 on a CPU that "
+                              "computes it natively (AMX, AVX512-BF16), float32 elsewhere; training reuses only "
+                              "entries of its own precision (default: auto)")
     extract.set_defaults(handler=run_extract)
 
 
@@ -43,13 +48,15 @@ def run_extract(args: argparse.Namespace) -> int:
         records = select_split(records, args.data, read_split(args.split), args.split)
     backbone = create_backbone(args.backbone, pretrained=not args.random_init, weights_file=args.weights,
                                input_size=args.input_size, layers=tuple(args.layers) if args.layers else None)
+    dtype = training_dtype(args.precision)
     started = time.perf_counter()
     features = extract_features(backbone, [record.path for record in records], args.cache or default_cache_dir(),
-                                batch_size=args.batch_size, views=tuple(args.views), num_workers=args.workers)
+                                batch_size=args.batch_size, views=tuple(args.views), num_workers=args.workers,
+                                dtype=dtype)
     seconds = time.perf_counter() - started
     info = backbone.weights_info
     print(f"{backbone.name} @{backbone.input_size} px, layers {list(backbone.layers)}, weights {info['source']} "
-          f"sha256 {info['sha256'][:12]}")
+          f"sha256 {info['sha256'][:12]}, {dtype_name(dtype)}")
     for view, view_features in features.views.items():
         done = features.computed[view]
         state = f"computed {done} images" if done else "reused from cache"
