@@ -35,8 +35,8 @@ from metaldefect.engine.checkpoint import capture_rng, load_checkpoint, restore_
 from metaldefect.engine.engine import evaluate, train_one_epoch, unwrap
 from metaldefect.engine.features import extract_features
 from metaldefect.engine.metrics import improved
-from metaldefect.engine.precision import dtype_name, training_dtype
 from metaldefect.engine.plots import plot_curves
+from metaldefect.engine.precision import dtype_name, training_dtype
 from metaldefect.engine.run_data import SPLITS, RunData, build_data, resolve_num_slots
 from metaldefect.engine.run_files import (epoch_summary, resolved_config, write_history, write_results,
                                           write_start_files)
