@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metaldefect.config import CHOICES
 from metaldefect.engine import precision
 from metaldefect.engine.precision import autocast, dtype_name, training_dtype
 from metaldefect.errors import MetalDefectError
@@ -15,6 +16,7 @@ def test_precision_names_map_to_dtypes_and_unknown_ones_are_refused():
     with pytest.raises(MetalDefectError, match="precision must be one of auto, fp32, bf16"):
         training_dtype("fp16")
     assert dtype_name(torch.bfloat16) == "bfloat16" and dtype_name(torch.float32) == "float32"
+    assert CHOICES["train.precision"] == precision.PRECISIONS  # what a config may ask for (config stays torch-free)
 
 
 def test_auto_is_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch):

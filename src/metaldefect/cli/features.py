@@ -9,7 +9,7 @@ from metaldefect.data.loading import FORMATS, load_dataset
 from metaldefect.data.split import read_split, select_split
 from metaldefect.data.transforms import VIEWS
 from metaldefect.engine.features import default_cache_dir, extract_features
-from metaldefect.engine.precision import dtype_name, training_dtype
+from metaldefect.engine.precision import PRECISIONS, dtype_name, training_dtype
 from metaldefect.models.backbones import DEFAULT_BACKBONE, create_backbone
 
 
@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     extract.add_argument("--cache", metavar="DIR", help=f"cache folder (default: {default_cache_dir()})")
     extract.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     extract.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default: 0)")
-    extract.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    extract.add_argument("--precision", choices=PRECISIONS, default="auto",
                          help="arithmetic of the forward passes, as train.precision: auto is bf16 on a CPU that "
                               "computes it natively (AMX, AVX512-BF16), float32 elsewhere; training reuses only "
                               "entries of its own precision (default: auto)")
