@@ -8,8 +8,10 @@ process and its children, all threads: on a 2-core machine one wall minute is at
 minutes), and inference ms/image (batch 1, image file to detections, wall clock).
 
 Dense detector: ``metaldefect.engine.train.train`` on the config, with a fresh feature
-cache under ``--out`` so that feature extraction is part of the measured training; then
-``Detector.load(run)`` predicts every image (product inference path, score threshold 0).
+cache under ``--out`` so that feature extraction is part of the measured training;
+with ``--refine``, ``metaldefect refine RUN`` (its default settings) trains the box refiner inside
+the same clock. Then ``Detector.load(run)`` predicts every image (product inference path, with the
+refiner when there is one, score threshold 0).
 
 YOLO11n (only when ``ultralytics`` is importable; it is never a dependency of the package):
 built from ``yolo11n.yaml`` (random initialisation, no pretrained weights), trained on the same
@@ -21,6 +23,7 @@ with ``--threads`` torch threads like the dense detector (ultralytics would othe
 ``os.cpu_count() - 1``, one thread here) and, as ultralytics does on a CPU, without loader workers.
 
     python benchmarks/neu_det.py --config configs/neu_det_dense.yaml --out runs/bench/neu_det_224
+    python benchmarks/neu_det.py --config configs/neu_det_dense_pair.yaml --refine --out runs/bench/builtin  # the built-in recipe
     python benchmarks/neu_det.py --config configs/neu_det_dense.yaml --out runs/bench/yolo_only --skip-dense --yolo-minutes 30
 
 Results: ``OUT/results.json`` and a markdown table on stdout (copied into docs/benchmarks.md).
@@ -40,6 +43,7 @@ import torch
 import yaml
 
 from metaldefect.atomic import write_text
+from metaldefect.cli import main as cli_main
 from metaldefect.config import load_config, resolve_path
 from metaldefect.data import make_split, write_split, write_yolo
 from metaldefect.data.loading import load_dataset
@@ -97,18 +101,23 @@ def predict_timed(predict, records: list[Record]) -> tuple[list[list[Detection]]
     return predictions, seconds
 
 
-def run_dense(cfg, out: Path, data) -> dict:
-    """Train the configured detector from an empty feature cache; score its best checkpoint."""
+def run_dense(cfg, out: Path, data, refine: bool) -> dict:
+    """Train the configured detector from an empty feature cache (and, with ``refine``, its box refiner
+    with ``metaldefect refine``'s defaults, inside the timed training); score it through the product path."""
     cfg.train.cache_dir = str(out / "feature_cache")
     shutil.rmtree(cfg.train.cache_dir, ignore_errors=True)
     shutil.rmtree(out / cfg.name, ignore_errors=True)
     clock = Clock()
     run_dir = train(cfg, runs_dir=out)
+    heads = clock.minutes()
+    if refine and cli_main(["refine", str(run_dir)]) != 0:
+        raise SystemExit(f"metaldefect refine {run_dir} failed")
     training = clock.minutes()
-    print(f"dense: trained in {training}")
+    print(f"dense: trained in {training} (heads {heads})")
     detector = Detector.load(run_dir, backend="torch", tile="off", conf=0.0, batch_size=1)
-    result = {"system": f"dense ViT ({cfg.name})", "run": str(run_dir), "input_size": cfg.model.input_size,
-              "epochs": cfg.train.epochs, "training": training}
+    result = {"system": f"dense ViT ({cfg.name}{' + refiner' if refine else ''})", "run": str(run_dir),
+              "input_size": cfg.model.input_size, "epochs": cfg.train.epochs, "training": training,
+              "heads_training": heads}
     for split in ("val", "test"):
         predictions, seconds = predict_timed(detector.predict, data.records[split])
         result[split] = score(data.records[split], predictions, data.classes, seconds)
@@ -188,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench/neu_det", help="folder for runs, caches and results.json")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the machine has 2 cores)")
     parser.add_argument("--skip-dense", action="store_true", help="train YOLO11n only (needs --yolo-minutes)")
+    parser.add_argument("--refine", action="store_true",
+                        help="also train the box refiner (metaldefect refine RUN) as part of the dense training")
     parser.add_argument("--no-yolo", action="store_true", help="skip YOLO11n even when ultralytics is installed")
     parser.add_argument("--yolo-minutes", type=float, default=None,
                         help="YOLO11n wall-clock training budget (default: the dense detector's training wall time)")
@@ -203,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     if not args.skip_dense:
-        results.append(run_dense(cfg, out, data))
+        results.append(run_dense(cfg, out, data, args.refine))
     have_yolo = importlib.util.find_spec("ultralytics") is not None  # benchmark-only, never a dependency
     if not have_yolo:
         print("ultralytics is not installed: YOLO11n skipped (pip install ultralytics to compare)")
