@@ -158,6 +158,7 @@ def test_packaged_run_becomes_the_builtin_model(tmp_path, monkeypatch, run_dir, 
     assert card["part"] == "model" and card["model_spec"]["head_name"] == "dense"
     markdown = (folder / "MODEL_CARD.md").read_text()
     assert "metaldefect train configs/x.yaml" in markdown and "| map50 | 0.2000 |" in markdown
+    assert card["training"] == {} and "- Best epoch: 1 (by val_loss, min)\n" in markdown  # no cost recorded
     assert "K. Song and Y. Yan" in markdown
     assert card["detection_metrics"]["val"]["ap50"] == dict.fromkeys(CLASSES, 0.5)
     assert f"| val | 4 | 0.500 | 0.250 | 0.800 / - at 0.55 | {CLASSES[0]} 0.500," in markdown
@@ -167,6 +168,18 @@ def test_packaged_run_becomes_the_builtin_model(tmp_path, monkeypatch, run_dir, 
     assert packaged.card["name"] == "tiny_dense" and packaged.score_threshold() == 0.55
     image = textured(64, 48, seed=5)
     assert as_tuples(packaged.predict(image, conf=0.5)) == as_tuples(detector.predict(image))
+
+
+def test_a_single_runs_card_gives_what_its_training_cost(tmp_path):
+    run = make_run(tmp_path / "timed")
+    metrics = json.loads((run / "metrics.json").read_text())
+    cost = {"train_seconds": 2254.1, "feature_seconds": 232.7, "precision": "bfloat16"}
+    (run / "metrics.json").write_text(json.dumps({**metrics, **cost, "features_computed": 6480}))
+    folder = builtin.package_run(run, tmp_path / "builtin_model")
+    assert json.loads((folder / "model_card.json").read_text())["training"] == cost
+    markdown = (folder / "MODEL_CARD.md").read_text()
+    assert ("- Best epoch: 1 (by val_loss, min); trained in 2254 s after 233 s of feature extraction, bfloat16\n"
+            in markdown)
 
 
 def test_builtin_head_refuses_a_different_backbone(tmp_path):

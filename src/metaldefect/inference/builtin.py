@@ -141,6 +141,8 @@ def card_from_run(run_dir: str | Path, checkpoint: dict, command: str | None = N
                   "images": metrics.get("images")},
         "metrics": {"best_epoch": metrics.get("best_epoch"), "monitor": metrics.get("monitor"),
                     "val": metrics.get("best"), "test": metrics.get("test")},
+        # What the run's training cost, and in which arithmetic (an ensemble records it per member).
+        "training": {key: metrics[key] for key in TRAINING_RECORD if key in metrics},
         # An ensemble (metaldefect ensemble) has no epoch of its own: its members' runs and epochs say what it is.
         **({"members": [{"run": Path(m["run"]).name, "best_epoch": m.get("best_epoch"),
                          **{key: m[key] for key in TRAINING_RECORD if key in m}} for m in metrics["members"]]}
@@ -233,14 +235,16 @@ def _metric_rows(metrics: dict | None) -> list[str]:
 
 
 def _epoch_rows(card: dict) -> list[str]:
-    """The checkpoint's epoch and its metrics; for an ensemble, which has none, its members' runs and epochs."""
+    """The checkpoint's epoch, its training cost and its metrics; for an ensemble, which has no epoch of its
+    own, its members' runs, epochs and costs."""
     if card.get("members"):
         return [f"- Ensemble of {len(card['members'])} dense heads, outputs averaged: "
                 + ", ".join(f"run `{m['run']}` (best epoch {m['best_epoch']}{_training_note(m)})"
                             for m in card["members"])]
     metrics = card.get("metrics") or {}
     monitor = metrics.get("monitor") or {}
-    return [f"- Best epoch: {metrics.get('best_epoch')} (by {monitor.get('metric')}, {monitor.get('mode')})",
+    return [f"- Best epoch: {metrics.get('best_epoch')} (by {monitor.get('metric')}, {monitor.get('mode')})"
+            f"{_training_note(card.get('training') or {})}",
             "", "## Metrics", "", "Validation (best epoch):", "", "| metric | value |", "| --- | --- |",
             *_metric_rows(metrics.get("val")),
             "", "Test:", "", "| metric | value |", "| --- | --- |",
@@ -248,7 +252,7 @@ def _epoch_rows(card: dict) -> list[str]:
 
 
 def _training_note(member: dict) -> str:
-    """``"; trained in 1434 s after 205 s of feature extraction, bfloat16"``, or what of it the member recorded."""
+    """``"; trained in 1434 s after 205 s of feature extraction, bfloat16"``, or what of it the run recorded."""
     if "train_seconds" not in member:
         return ""
     extracted = round(member.get("feature_seconds") or 0)  # 0 when the features came from the cache
