@@ -23,7 +23,7 @@ with ``--threads`` torch threads like the dense detector (ultralytics would othe
 ``os.cpu_count() - 1``, one thread here) and, as ultralytics does on a CPU, without loader workers.
 
     python benchmarks/neu_det.py --config configs/neu_det_dense.yaml --out runs/bench/neu_det_224
-    python benchmarks/neu_det.py --config configs/neu_det_dense_pair.yaml --refine --out runs/bench/builtin  # the built-in recipe
+    python benchmarks/neu_det.py --config configs/neu_det_dense_pair.yaml --refine --out runs/bench/builtin
     python benchmarks/neu_det.py --config configs/neu_det_dense.yaml --out runs/bench/yolo_only --skip-dense --yolo-minutes 30
 
 Results: ``OUT/results.json`` and a markdown table on stdout (copied into docs/benchmarks.md).
@@ -109,15 +109,15 @@ def run_dense(cfg, out: Path, data, refine: bool) -> dict:
     shutil.rmtree(out / cfg.name, ignore_errors=True)
     clock = Clock()
     run_dir = train(cfg, runs_dir=out)
-    heads = clock.minutes()
+    detector_only = clock.minutes()  # features and heads
     if refine and cli_main(["refine", str(run_dir)]) != 0:
         raise SystemExit(f"metaldefect refine {run_dir} failed")
     training = clock.minutes()
-    print(f"dense: trained in {training} (heads {heads})")
+    print(f"dense: trained in {training} (before the refiner {detector_only})")
     detector = Detector.load(run_dir, backend="torch", tile="off", conf=0.0, batch_size=1)
     result = {"system": f"dense ViT ({cfg.name}{' + refiner' if refine else ''})", "run": str(run_dir),
               "input_size": cfg.model.input_size, "epochs": cfg.train.epochs, "training": training,
-              "heads_training": heads}
+              "training_before_refiner": detector_only}
     for split in ("val", "test"):
         predictions, seconds = predict_timed(detector.predict, data.records[split])
         result[split] = score(data.records[split], predictions, data.classes, seconds)
