@@ -59,14 +59,18 @@ def _split_texts(run_dir: Path) -> dict[str, str]:
             if (run_dir / "split" / name).is_file()}
 
 
-def _training_record(run: Path) -> dict:
-    """What a member's ``metrics.json`` says of its training cost: seconds training and extracting features,
-    and the arithmetic (``{}`` for a run that has no metrics.json yet, or one written before these were kept)."""
+def training_record(metrics: dict) -> dict:
+    """The entries of a run's metrics (or of an ensemble member's) that say what its training cost: seconds
+    training and extracting features, and the arithmetic; ``{}`` for one written before these were kept."""
+    return {key: metrics[key] for key in TRAINING_RECORD if key in metrics}
+
+
+def _member_training_record(run: Path) -> dict:
+    """:func:`training_record` of a member's ``metrics.json`` (``{}`` when the run has none yet)."""
     try:
-        metrics = json.loads((run / "metrics.json").read_text())
+        return training_record(json.loads((run / "metrics.json").read_text()))
     except (OSError, ValueError):
         return {}
-    return {key: metrics[key] for key in TRAINING_RECORD if key in metrics}
 
 
 def assemble_ensemble(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
@@ -104,7 +108,7 @@ def assemble_ensemble(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     state = {f"members.{index}.{key}": value
              for index, checkpoint in enumerate(checkpoints) for key, value in checkpoint["state"].items()}
     members = [{"run": str(run.resolve()), "best_epoch": c.get("epoch"), "val": c.get("metrics"),
-                **_training_record(run)} for run, c in zip(runs, checkpoints)]
+                **_member_training_record(run)} for run, c in zip(runs, checkpoints)]
     first_cfg = load_config(runs[0] / "config.yaml")
     cfg = dataclasses.replace(first_cfg, name=out_dir.name, model=dataclasses.replace(
         first_cfg.model, head="dense_ensemble", head_kwargs=head_kwargs))

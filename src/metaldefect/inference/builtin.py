@@ -27,7 +27,7 @@ import yaml
 from metaldefect import __version__
 from metaldefect.atomic import staged_directory, write_bytes, write_text
 from metaldefect.data.images import IMAGE_SUFFIXES
-from metaldefect.engine.ensemble import TRAINING_RECORD
+from metaldefect.engine.ensemble import training_record
 from metaldefect.errors import MetalDefectError, WeightsError
 from metaldefect.models.factory import DefectModel, create_model
 from metaldefect.models.refiner import BoxRefiner
@@ -142,10 +142,10 @@ def card_from_run(run_dir: str | Path, checkpoint: dict, command: str | None = N
         "metrics": {"best_epoch": metrics.get("best_epoch"), "monitor": metrics.get("monitor"),
                     "val": metrics.get("best"), "test": metrics.get("test")},
         # What the run's training cost, and in which arithmetic (an ensemble records it per member).
-        "training": {key: metrics[key] for key in TRAINING_RECORD if key in metrics},
+        "training": training_record(metrics),
         # An ensemble (metaldefect ensemble) has no epoch of its own: its members' runs and epochs say what it is.
         **({"members": [{"run": Path(m["run"]).name, "best_epoch": m.get("best_epoch"),
-                         **{key: m[key] for key in TRAINING_RECORD if key in m}} for m in metrics["members"]]}
+                         **training_record(m)} for m in metrics["members"]]}
            if metrics.get("members") else {}),
     }
 
