@@ -10,7 +10,7 @@ from metaldefect.data.dense_targets import BACKGROUND, dense_locations, encode_d
 from metaldefect.data.transforms import view_boxes
 from metaldefect.errors import ConfigError
 from metaldefect.models.heads import create_head
-from metaldefect.models.heads.dense import DenseHead
+from metaldefect.models.heads.dense import ContiguousGroupNorm, DenseHead
 
 IN_DIMS = {"pooled": 16, "map": 16, "layers": [16, 16], "stride": 14}
 CLASSES = ["a", "b", "c", "d"]
@@ -253,3 +253,26 @@ def test_dropout_acts_while_training_only():
     expected = plain(features)["box_ltrb"]
     assert torch.equal(head.eval()(features)["box_ltrb"], expected)
     assert not torch.allclose(head.train()(features)["box_ltrb"], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_on_a_channels_last_input_is_stock_group_norm(dtype):
+    """The towers' GroupNorm normalises a contiguous copy of a channels-last input (torch's channels-last bf16
+    kernel is slow on CPU): the same values and gradients as ``nn.GroupNorm``, and the same weight names."""
+    torch.manual_seed(0)
+    ours, stock = ContiguousGroupNorm(8, 32), torch.nn.GroupNorm(8, 32)
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+    stock.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 32, 6, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for norm in (ours.to(dtype), stock.to(dtype)):
+        inputs = x.clone().requires_grad_(True)
+        out = norm(inputs)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.float(), inputs.grad.float(), norm.weight.grad.float()))
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, expected in zip(*grads):
+        assert torch.allclose(got, expected, atol=tolerance, rtol=tolerance)
+    tower = DenseHead({"pooled": 16, "map": 16, "stride": 16}, 3, channels=16, num_convs=2).cls_tower
+    assert [type(m) for m in tower] == [torch.nn.Conv2d, ContiguousGroupNorm, torch.nn.ReLU] * 2
