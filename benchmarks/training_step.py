@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     parser.add_argument("--steps", type=int, default=9, help="training batches timed per variant (default: 9)")
     args = parser.parse_args()
+    if args.steps < 1:
+        raise SystemExit(f"--steps must be at least 1, got {args.steps}")
     cfg = load_config(args.config, [*args.overrides, "train.progress=false"])
     if not cfg.train.frozen:
         raise SystemExit(f"{args.config}: times a frozen backbone's head; train.frozen is false")
@@ -77,7 +79,7 @@ def main() -> None:
                     seconds[name].append(time.perf_counter() - started)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     print(f"{cfg.model.head} ({cfg.name}), batch {cfg.train.batch_size}, {dtype_name(dtype)}, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} steps:")
+          f"{torch.get_num_threads()} threads, median of {len(batches)} steps:")
     for name, median in medians.items():
         print(f"  {name}: {median:.3f} s/step (range {min(seconds[name]):.3f}-{max(seconds[name]):.3f})")
     print(f"  stock / product: {medians['stock nn.GroupNorm'] / medians['product head']:.2f}x")

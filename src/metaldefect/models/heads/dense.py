@@ -54,13 +54,13 @@ SCORES = ("quality", "varifocal", "task_aligned")
 
 
 class ContiguousGroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` computed on a contiguous copy of a channels-last input (the same weights and result).
+    """``nn.GroupNorm`` computed on a contiguous copy of a channels-last input (same weights, same values).
 
     Training runs the head channels-last (:mod:`metaldefect.engine.engine`), which suits the convolutions,
     but torch's CPU GroupNorm takes a slow path for channels-last bfloat16: 12.3 ms forward and backward on
-    ``[32, 128, 16, 16]`` against 1.4 ms contiguous. With this, a training step of the built-in heads was 1.10-1.38
-    times faster (median 1.24, six runs of benchmarks/training_step.py; docs/benchmarks.md, session 15).
-    On a contiguous input it is plain GroupNorm.
+    ``[32, 128, 16, 16]`` against 1.4 ms contiguous. With this, a training step of the built-in heads was
+    1.10-1.38 times faster (median 1.24, six runs of benchmarks/training_step.py; docs/benchmarks.md,
+    session 15). The two kernels round bf16 differently; on a contiguous input it is plain GroupNorm.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
