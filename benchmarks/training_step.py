@@ -2,7 +2,8 @@
 
 Builds the data, model and loaders of CONFIG as `metaldefect train` does (the feature cache must hold the
 config's features, or they are extracted first), takes the first ``--steps`` training batches, and times whole
-steps (channels-last inputs, forward under the training precision, loss, backward, AdamW step) of:
+steps of the engine's own ``train_one_epoch`` on one batch at a time (channels-last inputs, forward under the
+training precision, loss, backward, gradient clipping, the optimizer's step, the per-step metrics) of:
 
 - the head as the product builds it;
 - a copy of it in which every GroupNorm is torch's stock ``nn.GroupNorm`` (the layers before session 15).
@@ -24,8 +25,8 @@ from torch import nn
 
 from metaldefect.config import load_config
 from metaldefect.engine import distributed
-from metaldefect.engine.engine import to_device, to_float32
-from metaldefect.engine.precision import autocast, dtype_name, training_dtype
+from metaldefect.engine.engine import train_one_epoch
+from metaldefect.engine.precision import dtype_name, training_dtype
 from metaldefect.engine.train import build_data, build_loaders, build_model, build_optimizer, seed_everything
 
 
@@ -65,16 +66,11 @@ def main() -> None:
     optimizers = {name: build_optimizer(cfg, head) for name, head in variants.items()}
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for timed in (False, True):  # the first pass warms up allocators and kernels
-        for inputs, targets in batches:
+        for batch in batches:
             for name, head in variants.items():
-                head.train()
                 started = time.perf_counter()
-                with autocast(dtype, dist.device):
-                    outputs = head(to_device(inputs, dist.device, torch.channels_last))
-                loss = head.loss(to_float32(outputs), targets)["loss"]
-                optimizers[name].zero_grad(set_to_none=True)
-                loss.backward()
-                optimizers[name].step()
+                train_one_epoch(head, [batch], optimizers[name], 1, dist.device, cfg.train.grad_clip,
+                                progress=False, dtype=dtype)
                 if timed:
                     seconds[name].append(time.perf_counter() - started)
     medians = {name: statistics.median(values) for name, values in seconds.items()}

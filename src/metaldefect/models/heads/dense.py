@@ -58,8 +58,8 @@ class ContiguousGroupNorm(nn.GroupNorm):
 
     Training runs the head channels-last (:mod:`metaldefect.engine.engine`), which suits the convolutions,
     but torch's CPU GroupNorm takes a slow path for channels-last bfloat16: 12.3 ms forward and backward on
-    ``[32, 128, 16, 16]`` against 1.4 ms contiguous. With this, a training step of the built-in heads was
-    1.10-1.38 times faster (median 1.24, six runs of benchmarks/training_step.py; docs/benchmarks.md,
+    ``[32, 128, 16, 16]`` against 1.4 ms contiguous. With this, the engine's training step of the built-in
+    heads was 1.08-1.31 times faster (median 1.12, five runs of benchmarks/training_step.py; docs/benchmarks.md,
     session 15). The two kernels round bf16 differently; on a contiguous input it is plain GroupNorm.
     """
 
