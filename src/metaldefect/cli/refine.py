@@ -16,9 +16,6 @@ def register(subparsers) -> None:
     parser.add_argument("--epochs", type=int, default=48, help="passes over the training images (default: 48)")
     parser.add_argument("--jitter", type=float, default=0.16,
                         help="side noise as a fraction of the box's width or height (default: 0.16)")
-    parser.add_argument("--jitter-dof", type=int, default=0,
-                        help="0: Gaussian side noise of standard deviation --jitter; n > 0: Student-t noise with n "
-                             "degrees of freedom and scale --jitter, heavy-tailed like a detector's errors (default: 0)")
     parser.add_argument("--crop", type=int, default=48,
                         help="side in pixels of the crop the refiner sees, a multiple of 16 (default: 48)")
     parser.add_argument("--context", type=float, default=2.0,
@@ -47,9 +44,8 @@ def run_refine(args) -> int:
         raise MetalDefectError(f"{run}: not a training run (no checkpoint_best.pt in it)")
     if target.exists() and not args.force:
         raise MetalDefectError(f"{target} exists; pass --force to replace it")
-    if args.epochs < 1 or not 0 < args.jitter < 1 or args.jitter_dof < 0:
-        raise MetalDefectError(f"--epochs must be at least 1, --jitter in (0, 1) and --jitter-dof at least 0; "
-                               f"got {args.epochs}, {args.jitter}, {args.jitter_dof}")
+    if args.epochs < 1 or not 0 < args.jitter < 1:
+        raise MetalDefectError(f"--epochs must be at least 1 and --jitter in (0, 1); got {args.epochs}, {args.jitter}")
     if args.crop < 16 or args.crop % 16 or args.context < 1:
         raise MetalDefectError(f"--crop must be a multiple of 16 (at least 16) and --context at least 1; "
                                f"got {args.crop}, {args.context}")
@@ -58,8 +54,8 @@ def run_refine(args) -> int:
     if head_name is None or head_class(head_name).task != "detect":
         raise MetalDefectError(f"{run}: not a detector run (head {head_name}); a box refiner needs boxes")
     classes = list(checkpoint["classes"])
-    settings = RefinerSettings(epochs=args.epochs, jitter=args.jitter, jitter_dof=args.jitter_dof, crop=args.crop,
-                               context=args.context, seed=args.seed, precision=args.precision)
+    settings = RefinerSettings(epochs=args.epochs, jitter=args.jitter, crop=args.crop, context=args.context,
+                               seed=args.seed, precision=args.precision)
     refiner, summary = train_refiner(split_records(run, "train"), split_records(run, "val"), classes, settings,
                                      progress=sys.stderr.isatty())
     # The detector's val mAP without and with the refiner, through the product path (written after saving,

@@ -48,7 +48,6 @@ class RefinerSettings:
     images_per_batch: int = 16
     jitters_per_box: int = 4  # jittered copies of each labelled box per epoch
     jitter: float = 0.16  # standard deviation of a side's move, as a fraction of the box's width or height
-    jitter_dof: int = 0  # 0: Gaussian moves; n > 0: Student-t moves with n degrees of freedom, scale `jitter`
     lr: float = 0.002
     weight_decay: float = 0.05
     crop: int = 48
@@ -115,25 +114,9 @@ def collate_padded(items):
     return images, boxes, labels, image_index
 
 
-def side_noise(count: int, jitter: float, dof: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``[count, 4]`` moves of a box's sides as fractions of its size: Gaussian with standard deviation
-    ``jitter``, or with ``dof`` > 0 Student-t with ``dof`` degrees of freedom and scale ``jitter``.
-
-    The detector's own errors have heavy tails: on the training images, half of its sides are off by
-    less than 0.08 of the box but a tenth by more than 0.43 (docs/benchmarks.md, session 16). The
-    chi-square of the t is a sum of ``dof`` squared normals, so that one ``generator`` draws it all.
-    """
-    noise = torch.randn(count, 4, generator=generator)
-    if dof:
-        chi_square = torch.randn(count, 4, dof, generator=generator).pow(2).sum(dim=-1)
-        noise = noise / (chi_square / dof).sqrt()
-    return noise * jitter
-
-
 def jitter_boxes(boxes: torch.Tensor, jitter: float, copies: int, image_size: tuple[int, int],
-                 generator: torch.Generator | None = None, dof: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``copies`` noisy versions of each of ``boxes`` ``[M, 4]`` (sides moved by :func:`side_noise`),
-    clipped to the image ``(W, H)``.
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``copies`` noisy versions of each of ``boxes`` ``[M, 4]``, clipped to the image ``(W, H)``.
 
     Returns the jittered boxes ``[copies * M', 4]`` and, for each, the row of ``boxes`` it came from;
     copies whose sides crossed are dropped.
@@ -141,7 +124,7 @@ def jitter_boxes(boxes: torch.Tensor, jitter: float, copies: int, image_size: tu
     source = torch.arange(len(boxes)).repeat(copies)
     base = boxes[source]
     size = (base[:, 2:] - base[:, :2]).repeat(1, 2)
-    noisy = base + side_noise(len(base), jitter, dof, generator) * size
+    noisy = base + torch.randn(base.shape, generator=generator) * jitter * size
     width, height = image_size
     noisy = torch.stack([noisy[:, 0].clamp(0, width), noisy[:, 1].clamp(0, height),
                          noisy[:, 2].clamp(0, width), noisy[:, 3].clamp(0, height)], dim=1)
@@ -153,7 +136,7 @@ def refiner_loss(refiner: BoxRefiner, batch, settings: RefinerSettings, generato
     """Smooth-L1 loss of the deltas, and ``(jittered boxes, refined boxes, target boxes)`` of one batch."""
     images, boxes, labels, image_index = batch
     noisy, source = jitter_boxes(boxes, settings.jitter, settings.jitters_per_box,
-                                 (images.shape[-1], images.shape[-2]), generator, settings.jitter_dof)
+                                 (images.shape[-1], images.shape[-2]), generator)
     targets, labels, image_index = boxes[source], labels[source], image_index[source]
     deltas = refiner.deltas(images, image_index, noisy, labels)
     loss = F.smooth_l1_loss(deltas.float(), encode_deltas(noisy, targets), beta=0.5)
