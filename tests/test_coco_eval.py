@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from metaldefect.data.records import Detection, Record
-from metaldefect.engine.coco_eval import evaluate_detections
+from metaldefect.engine.coco_eval import coco_map, evaluate_detections
 from metaldefect.engine.detection_plots import plot_detection_confusion, plot_pr_curves
 from metaldefect.errors import DataError
 
@@ -246,6 +246,16 @@ def test_agrees_with_pycocotools_run_directly(tmp_path, seed):
     assert counts[:3].sum(axis=1).tolist() == report.ground_truth_counts[:3]  # each box once
     assert counts[:, :4].sum() == sum(d.score >= 0.25 for dets in preds for d in dets)
 
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_headline_map_equals_the_full_evaluations(seed):
+    gts, preds, classes = random_case(seed)
+    report = evaluate_detections(gts, preds, classes)
+    assert coco_map(gts, preds, classes) == (report.map50, report.map)  # the same numbers to the last bit
+    assert coco_map(gts, [[] for _ in gts], classes) == (0.0, 0.0)
+    with pytest.raises(DataError, match="nothing to evaluate"):
+        coco_map([], [], classes)
 
 def test_to_dict_is_json_with_class_names():
     gts, preds, classes = random_case(0)

@@ -129,25 +129,11 @@ def evaluate_detections(ground_truth: list[Record], predictions: list[list[Detec
             the confusion matrix (AP uses every detection).
         iou_threshold: the IoU a match needs for precision, recall and the confusion matrix.
     """
-    if len(ground_truth) != len(predictions):
-        raise ValueError(f"{len(ground_truth)} ground-truth records but {len(predictions)} prediction lists")
-    if not ground_truth:
-        raise DataError("nothing to evaluate: no images")
-    if not classes or len(set(classes)) != len(classes):
-        raise ConfigError(f"classes must be a non-empty list of distinct names, got {classes}")
     if not 0.0 <= score_threshold <= 1.0:
         raise ConfigError(f"score threshold must be in [0, 1], got {score_threshold}")
     if not 0.0 < iou_threshold <= 1.0:
         raise ConfigError(f"IoU threshold must be in (0, 1], got {iou_threshold}")
-    index = {name: k for k, name in enumerate(classes)}
-    gt_boxes, gt_labels, dt_boxes, dt_labels, dt_scores = [], [], [], [], []
-    for record, detections in zip(ground_truth, predictions):
-        gt_boxes.append(_box_tensor(record.boxes))
-        gt_labels.append(_label_tensor(record.labels, index, record, "ground-truth"))
-        dt_boxes.append(_box_tensor([d.box for d in detections]))
-        dt_labels.append(_label_tensor([d.label for d in detections], index, record, "predicted"))
-        dt_scores.append(torch.tensor([float(d.score) for d in detections], dtype=torch.float64))
-
+    gt_boxes, gt_labels, dt_boxes, dt_labels, dt_scores = _as_tensors(ground_truth, predictions, classes)
     coco_eval = _run_cocoeval(ground_truth, gt_boxes, gt_labels, dt_boxes, dt_labels, dt_scores,
                               len(classes))
     params = coco_eval.params
@@ -179,6 +165,39 @@ def evaluate_detections(ground_truth: list[Record], predictions: list[list[Detec
         recall_grid=params.recThrs.tolist(), pr_curves=curves, confusion=confusion.tolist())
 
 
+def coco_map(ground_truth: list[Record], predictions: list[list[Detection]],
+             classes: list[str]) -> tuple[float | None, float | None]:
+    """COCO ``(mAP@0.5, mAP@0.5:0.95)`` alone, the same numbers as :func:`evaluate_detections`' ``map50`` and
+    ``map``, about twice as fast: COCOeval matches over the "all" area range only, not also small, medium and
+    large, and nothing else is computed. For the val pass of every training epoch (arguments as there)."""
+    tensors = _as_tensors(ground_truth, predictions, classes)
+    coco_eval = _run_cocoeval(ground_truth, *tensors, len(classes), headline_only=True)
+    # precision: [T iou thresholds, R recall points, K classes, 1 area range, M maxDets]
+    precision = coco_eval.eval["precision"][..., 0, coco_eval.params.maxDets.index(MAX_DETECTIONS)]
+    iou50 = int(np.argmin(np.abs(coco_eval.params.iouThrs - 0.5)))
+    return _mean_valid(precision[iou50]), _mean_valid(precision)
+
+
+def _as_tensors(ground_truth: list[Record], predictions: list[list[Detection]], classes: list[str]):
+    """Per image: ground-truth boxes ``[N, 4]`` and class indices ``[N]``, detected boxes ``[D, 4]``,
+    class indices ``[D]`` and scores ``[D]``; five lists. Checks the arguments as the callers document."""
+    if len(ground_truth) != len(predictions):
+        raise ValueError(f"{len(ground_truth)} ground-truth records but {len(predictions)} prediction lists")
+    if not ground_truth:
+        raise DataError("nothing to evaluate: no images")
+    if not classes or len(set(classes)) != len(classes):
+        raise ConfigError(f"classes must be a non-empty list of distinct names, got {classes}")
+    index = {name: k for k, name in enumerate(classes)}
+    gt_boxes, gt_labels, dt_boxes, dt_labels, dt_scores = [], [], [], [], []
+    for record, detections in zip(ground_truth, predictions):
+        gt_boxes.append(_box_tensor(record.boxes))
+        gt_labels.append(_label_tensor(record.labels, index, record, "ground-truth"))
+        dt_boxes.append(_box_tensor([d.box for d in detections]))
+        dt_labels.append(_label_tensor([d.label for d in detections], index, record, "predicted"))
+        dt_scores.append(torch.tensor([float(d.score) for d in detections], dtype=torch.float64))
+    return gt_boxes, gt_labels, dt_boxes, dt_labels, dt_scores
+
+
 def _box_tensor(boxes: list[list[float]]) -> torch.Tensor:
     """``[N, 4]`` float64 ``xyxy`` (float64 so COCO's and our IoUs agree to the last bit)."""
     return torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
@@ -192,8 +211,12 @@ def _label_tensor(labels: list[str], index: dict[str, int], record: Record, kind
     return torch.tensor([index[label] for label in labels], dtype=torch.long)
 
 
-def _run_cocoeval(records, gt_boxes, gt_labels, dt_boxes, dt_labels, dt_scores, num_classes) -> COCOeval:
-    """Build both COCO datasets in memory and run the bbox evaluation, its prints swallowed."""
+def _run_cocoeval(records, gt_boxes, gt_labels, dt_boxes, dt_labels, dt_scores, num_classes,
+                  headline_only: bool = False) -> COCOeval:
+    """Build both COCO datasets in memory and run the bbox evaluation, its prints swallowed.
+
+    ``headline_only``: match over the "all" area range alone and skip the summary (its stats then stay unset).
+    """
     images = [{"id": i + 1, "width": r.width, "height": r.height, "file_name": str(r.path)}
               for i, r in enumerate(records)]
     categories = [{"id": k + 1, "name": str(k)} for k in range(num_classes)]
@@ -212,9 +235,13 @@ def _run_cocoeval(records, gt_boxes, gt_labels, dt_boxes, dt_labels, dt_scores, 
         # fields (area = w * h, iscrowd 0, ids from 1).
         coco_dt = _coco(images, categories, dt_annotations)
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if headline_only:
+            params = coco_eval.params
+            params.areaRng, params.areaRngLbl = [params.areaRng[params.areaRngLbl.index("all")]], ["all"]
         coco_eval.evaluate()
         coco_eval.accumulate()
-        coco_eval.summarize()
+        if not headline_only:
+            coco_eval.summarize()
     return coco_eval
 
 

@@ -3,7 +3,8 @@
 With it, ``train.monitor: map50`` (or ``map``, mode ``max``) picks the checkpoint that
 detects best, not the one with the lowest loss. Targets carry normalised boxes and each
 image's original ``size``; boxes go back to pixels so that the numbers are those
-``metaldefect evaluate`` reports for the same weights (same decode, same pycocotools code).
+``metaldefect evaluate`` reports for the same weights (same decode, same pycocotools code; only the
+headline numbers are computed, :func:`~metaldefect.engine.coco_eval.coco_map`).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from metaldefect.data.records import Record
 from metaldefect.engine import distributed
-from metaldefect.engine.coco_eval import evaluate_detections
+from metaldefect.engine.coco_eval import coco_map
 
 
 class DetectionCollector:
@@ -39,5 +40,5 @@ class DetectionCollector:
         detections = distributed.all_gather_list(self.detections)
         if not records:
             return {}
-        report = evaluate_detections(records, detections, self.names)
-        return {"map50": report.map50 or 0.0, "map": report.map or 0.0}
+        map50, map_ = coco_map(records, detections, self.names)
+        return {"map50": map50 or 0.0, "map": map_ or 0.0}
