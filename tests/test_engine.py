@@ -81,6 +81,12 @@ def test_training_epochs_learn_a_separable_problem(head_name, kwargs):
 def test_bf16_training_steps_learn_and_keep_float32_weights(head_name, kwargs):
     head = learn_the_separable_problem(head_name, kwargs, torch.bfloat16)
     assert all(parameter.dtype == torch.float32 for parameter in head.parameters())
+    # A val pass under bf16 autocast, as a bf16 run's epochs make it, scores as the float32 pass does.
+    loader = DataLoader(toy_features(24, seed=1)[0], batch_size=8, collate_fn=collate)
+    float32, _ = evaluate(head, loader, torch.device("cpu"), progress=False)
+    bf16, _ = evaluate(head, loader, torch.device("cpu"), progress=False, dtype=torch.bfloat16)
+    assert bf16.keys() == float32.keys() and bf16["accuracy"] == float32["accuracy"] == 1.0
+    assert bf16["loss"] == pytest.approx(float32["loss"], rel=0.05) and bf16["loss"] != float32["loss"]
 
 
 def learn_the_separable_problem(head_name: str, kwargs: dict, dtype: torch.dtype):

@@ -103,12 +103,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, num_labels: int | None = None,
-             progress: bool = True, desc: str = "val") -> tuple[dict[str, float], torch.Tensor | None]:
+             progress: bool = True, desc: str = "val", dtype: torch.dtype = torch.float32
+             ) -> tuple[dict[str, float], torch.Tensor | None]:
     """Mean losses and metrics over ``loader`` (all processes), and the confusion matrix.
 
     ``num_labels`` sizes the confusion matrix (classes + 1 for "no defect"); it is None
     when not wanted or when the head has no ``confusion`` method. Detecting heads also get
     COCO ``map50`` and ``map`` over the whole loader (see :mod:`metaldefect.engine.val_map`).
+    ``dtype``: the forward pass runs under autocast to it, as in :func:`train_one_epoch`; losses, metrics and
+    decoding in float32. The val pass of a bf16 run's epochs uses it (about 1.4x faster in one timing, val mAP
+    within 0.001 of float32's, session 16); a run's final scores are float32, as the product predicts.
     """
     model = unwrap(model)  # no DDP collectives in evaluation: shards may differ in length
     model.eval()
@@ -118,7 +122,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_labels: int | N
     detections = DetectionCollector(head) if head.task == "detect" else None
     for inputs, targets in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         inputs = to_device(inputs, device)
-        outputs = model(inputs)
+        with autocast(dtype, device):
+            outputs = model(inputs)
+        outputs = to_float32(outputs)
         sums.add_losses(head.loss(outputs, targets), _batch_size(inputs))
         sums.add(head.metrics(outputs, targets))
         if confusion is not None:

@@ -261,7 +261,8 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
         train_metrics = train_one_epoch(module, loaders["train"], optimizer, epoch, dist.device,
                                         cfg.train.grad_clip, progress=cfg.train.progress and main, ema=ema,
                                         dtype=dtype)
-        val_metrics, _ = evaluate(evaluated, loaders["val"], dist.device, progress=cfg.train.progress and main)
+        val_metrics, _ = evaluate(evaluated, loaders["val"], dist.device, progress=cfg.train.progress and main,
+                                  dtype=dtype)
         scheduler.step()
         row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in train_metrics.items()},
                **{f"val_{k}": v for k, v in val_metrics.items()}, "seconds": round(time.time() - epoch_start, 3)}
