@@ -276,3 +276,18 @@ def test_group_norm_on_a_channels_last_input_is_stock_group_norm(dtype):
         assert torch.allclose(got, expected, atol=tolerance, rtol=tolerance)
     tower = DenseHead({"pooled": 16, "map": 16, "stride": 16}, 3, channels=16, num_convs=2).cls_tower
     assert [type(m) for m in tower] == [torch.nn.Conv2d, ContiguousGroupNorm, torch.nn.ReLU] * 2
+
+
+def test_the_neck_fuses_in_the_autocast_dtype_and_in_float32_outside_it():
+    """Under bf16 autocast the normalised layers are cast before the concatenation (the fuse convolution reads
+    bf16 anyway), with outputs close to float32's; without autocast the fuse convolution reads float32."""
+    torch.manual_seed(0)
+    head = DenseHead(IN_DIMS, num_classes=4, channels=16, num_convs=1, scales=[1, 0.5]).eval()
+    seen = []
+    head.neck.fuse.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].dtype))
+    features = {"layers": [torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)]}
+    expected = head(features)["box_ltrb"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lowered = head(features)["box_ltrb"].float()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert torch.allclose(lowered, expected, atol=0.05, rtol=0.05) and not torch.equal(lowered, expected)

@@ -67,7 +67,12 @@ class SimpleFeaturePyramid(nn.Module):
         ``detail``: the learnt maps by scale, ``[B, detail_dims[scale], h * scale, w * scale]``
         (needed when ``detail_dims`` was given).
         """
-        normed = torch.cat([norm(x.float()) for norm, x in zip(self.layer_norms, layers)], dim=1)
+        device = layers[0].device.type
+        # Under autocast the fuse convolution reads its input in the autocast dtype anyway: casting each normalised
+        # layer first halves the memory the concatenation and the dropout move (session 16: the bf16 training
+        # step 1.08x faster). Outside autocast (float32 training, inference) nothing changes.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        normed = torch.cat([norm(x.float()).to(dtype) for norm, x in zip(self.layer_norms, layers)], dim=1)
         fused = self.fuse(self.dropout(normed))
         levels = [resample(fused) for resample in self.resamplers]
         for index, lateral in self.laterals.items():
