@@ -1,0 +1,76 @@
+"""Time whole training epochs (training steps and the val pass) of this checkout against another commit's code.
+
+Runs ``metaldefect train CONFIG train.epochs=N`` with the code of a baseline commit (a temporary git worktree)
+and with this checkout's code, in turn, ``--rounds`` times, on the same config, overrides and feature cache, and
+reads each run's epoch seconds from its ``history.csv`` (an epoch's clock covers its training steps and its val
+pass, not the checkpoint writes). The first epoch of each run warms up and is not counted. Reports the median
+epoch of each variant and their ratio, overall and by round, so that a drifting VM shows. Command
+(docs/benchmarks.md, session 16):
+
+    python benchmarks/epoch_seconds.py configs/neu_det_dense_pair.yaml --baseline fe794af \\
+        train.cache_dir=runs/bench/bf16_cache
+
+The feature cache should already hold the config's features; extraction is outside the epoch clock, but would
+make the first run minutes longer.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def epoch_seconds(src: Path, config: str, overrides: list[str], epochs: int, runs_dir: Path, name: str) -> list[float]:
+    """Seconds of epochs 2..``epochs`` of one training run with the package at ``src``."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    command = [sys.executable, "-m", "metaldefect.cli", "train", config, f"name={name}", f"train.epochs={epochs}",
+               "train.progress=false", *overrides, "--runs-dir", str(runs_dir)]
+    subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    with open(runs_dir / name / "history.csv", newline="") as handle:
+        return [float(row["seconds"]) for row in csv.DictReader(handle)][1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, for both variants")
+    parser.add_argument("--baseline", required=True, help="git revision whose code is the baseline")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each variant, alternating (default: 3)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs a run, the first not counted (default: 4)")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.epochs < 2:
+        raise SystemExit(f"--rounds must be at least 1 and --epochs at least 2; got {args.rounds}, {args.epochs}")
+    with tempfile.TemporaryDirectory(prefix="epoch_seconds_") as scratch:
+        scratch = Path(scratch)
+        worktree = scratch / "baseline"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(worktree), args.baseline], cwd=REPO,
+                       check=True)
+        try:
+            sources = {f"baseline {args.baseline}": worktree / "src", "this checkout": REPO / "src"}
+            seconds: dict[str, list[list[float]]] = {name: [] for name in sources}
+            for round_index in range(args.rounds):
+                for index, (name, src) in enumerate(sources.items()):
+                    seconds[name].append(epoch_seconds(src, args.config, args.overrides, args.epochs,
+                                                       scratch / "runs", f"round{round_index}_{index}"))
+                    print(f"round {round_index + 1}, {name}: epochs {seconds[name][-1]} s", flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, check=True)
+    baseline, current = (seconds[name] for name in sources)
+    medians = {name: statistics.median(s for run in runs for s in run) for name, runs in seconds.items()}
+    print(f"{args.config}, {args.rounds} rounds of {args.epochs - 1} counted epochs each:")
+    for name, median in medians.items():
+        print(f"  {name}: median epoch {median:.2f} s")
+    ratios = [statistics.median(b) / statistics.median(c) for b, c in zip(baseline, current)]
+    overall = medians[f"baseline {args.baseline}"] / medians["this checkout"]
+    print(f"  baseline / this checkout: {overall:.3f} (by round: {', '.join(f'{r:.3f}' for r in ratios)})")
+
+
+if __name__ == "__main__":
+    main()
