@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--baseline", required=True, help="git revision whose code is the baseline")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each variant, alternating (default: 3)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs a run, the first not counted (default: 4)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow the options
     if args.rounds < 1 or args.epochs < 2:
         raise SystemExit(f"--rounds must be at least 1 and --epochs at least 2; got {args.rounds}, {args.epochs}")
     with tempfile.TemporaryDirectory(prefix="epoch_seconds_") as scratch:
