@@ -30,6 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 def epoch_seconds(src: Path, config: str, overrides: list[str], epochs: int, runs_dir: Path, name: str) -> list[float]:
     """Seconds of epochs 2..``epochs`` of one training run with the package at ``src``."""
     env = {**os.environ, "PYTHONPATH": str(src)}
+    # PYTHONPATH comes before the editable install's path entry; check that it does here.
+    found = subprocess.run([sys.executable, "-c", "import metaldefect; print(metaldefect.__file__)"], env=env,
+                           check=True, capture_output=True, text=True).stdout.strip()
+    if not Path(found).is_relative_to(src):
+        raise SystemExit(f"the package imported from {found}, not {src}")
     command = [sys.executable, "-m", "metaldefect.cli", "train", config, f"name={name}", f"train.epochs={epochs}",
                "train.progress=false", *overrides, "--runs-dir", str(runs_dir)]
     subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
