@@ -69,8 +69,9 @@ class SimpleFeaturePyramid(nn.Module):
         """
         device = layers[0].device.type
         # Under autocast the fuse convolution reads its input in the autocast dtype anyway: casting each normalised
-        # layer first halves the memory the concatenation and the dropout move (session 16: the bf16 training
-        # step 1.08x faster). Outside autocast (float32 training, inference) nothing changes.
+        # layer first halves the memory the concatenation and the dropout move (the bf16 training step 1.09x
+        # faster in one timing, docs/benchmarks.md, session 16). Outside autocast (float32 training, inference)
+        # nothing changes.
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
         normed = torch.cat([norm(x.float()).to(dtype) for norm, x in zip(self.layer_norms, layers)], dim=1)
         fused = self.fuse(self.dropout(normed))
