@@ -3,8 +3,9 @@
 With it, ``train.monitor: map50`` (or ``map``, mode ``max``) picks the checkpoint that
 detects best, not the one with the lowest loss. Targets carry normalised boxes and each
 image's original ``size``; boxes go back to pixels so that the numbers are those
-``metaldefect evaluate`` reports for the same weights (same decode, same pycocotools code; only the
-headline numbers are computed, :func:`~metaldefect.engine.coco_eval.coco_map`).
+``metaldefect evaluate`` reports for the same weights (same decode, same pycocotools matching; only the
+headline numbers are computed, :func:`~metaldefect.engine.coco_eval.coco_map`). A bf16 run's epochs run
+the forward pass in bf16, so their figures can differ from float32's in the third decimal.
 """
 from __future__ import annotations
 
