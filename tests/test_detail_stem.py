@@ -65,7 +65,9 @@ def test_a_detail_run_trains_the_stem_on_cached_features_and_scores_the_same_fro
                           model={"backbone": "vit_small_patch14_dinov2", "input_size": SIZE,
                                  "head_kwargs": {"channels": 16, "num_convs": 1, "scales": [2.0, 1.0],
                                                  "detail_width": 4}},
-                          train={"epochs": 2, "augment": ["hflip", "vflip"]})
+                          # float32: an epoch's val pass runs in the training precision, and its loss is
+                          # compared below with a float32 pass over the images.
+                          train={"epochs": 2, "augment": ["hflip", "vflip"], "precision": "fp32"})
     assert main(["train", str(config), "--runs-dir", str(tmp_path / "runs")]) == 0
     run = tmp_path / "runs" / "detail"
     checkpoint = load_checkpoint(run / "checkpoint_best.pt")
