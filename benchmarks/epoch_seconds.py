@@ -52,6 +52,25 @@ def main() -> None:
     args = parser.parse_intermixed_args()  # overrides may follow the options
     if args.rounds < 1 or args.epochs < 2:
         raise SystemExit(f"--rounds must be at least 1 and --epochs at least 2; got {args.rounds}, {args.epochs}")
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", f"{args.baseline}^{{commit}}"], cwd=REPO,
+                      capture_output=True).returncode:
+        raise SystemExit(f"--baseline {args.baseline}: not a commit of {REPO}")
+    try:
+        seconds = time_variants(args)
+    except subprocess.CalledProcessError as error:
+        raise SystemExit(f"failed (exit {error.returncode}): {' '.join(map(str, error.cmd))}") from None
+    baseline, current = seconds.values()
+    medians = {name: statistics.median(sum(runs, [])) for name, runs in seconds.items()}
+    print(f"{args.config}, {args.rounds} rounds of {args.epochs - 1} counted epochs each:")
+    for name, median in medians.items():
+        print(f"  {name}: median epoch {median:.2f} s")
+    ratios = [statistics.median(b) / statistics.median(c) for b, c in zip(baseline, current)]
+    overall = medians[next(iter(seconds))] / medians["this checkout"]
+    print(f"  baseline / this checkout: {overall:.3f} (by round: {', '.join(f'{r:.3f}' for r in ratios)})")
+
+
+def time_variants(args) -> dict[str, list[list[float]]]:
+    """Counted epoch seconds of each run, by variant (the baseline first), the runs in turn."""
     with tempfile.TemporaryDirectory(prefix="epoch_seconds_") as scratch:
         scratch = Path(scratch)
         worktree = scratch / "baseline"
@@ -65,16 +84,9 @@ def main() -> None:
                     seconds[name].append(epoch_seconds(src, args.config, args.overrides, args.epochs,
                                                        scratch / "runs", f"round{round_index}_{index}"))
                     print(f"round {round_index + 1}, {name}: epochs {seconds[name][-1]} s", flush=True)
+            return seconds
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=REPO, check=True)
-    baseline, current = (seconds[name] for name in sources)
-    medians = {name: statistics.median(s for run in runs for s in run) for name, runs in seconds.items()}
-    print(f"{args.config}, {args.rounds} rounds of {args.epochs - 1} counted epochs each:")
-    for name, median in medians.items():
-        print(f"  {name}: median epoch {median:.2f} s")
-    ratios = [statistics.median(b) / statistics.median(c) for b, c in zip(baseline, current)]
-    overall = medians[f"baseline {args.baseline}"] / medians["this checkout"]
-    print(f"  baseline / this checkout: {overall:.3f} (by round: {', '.join(f'{r:.3f}' for r in ratios)})")
 
 
 if __name__ == "__main__":
