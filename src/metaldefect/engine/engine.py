@@ -111,9 +111,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_labels: int | N
     when not wanted or when the head has no ``confusion`` method. Detecting heads also get
     COCO ``map50`` and ``map`` over the whole loader (see :mod:`metaldefect.engine.val_map`).
     ``dtype``: the forward pass runs under autocast to it, as in :func:`train_one_epoch`; losses, metrics and
-    decoding in float32. The val pass of a bf16 run's epochs uses it (5.1 s against 6.6-7.2 s in float32 in
-    one set of timings, val mAP within 0.001 of float32's; docs/benchmarks.md, session 16); a run's final scores
-    are float32, as the product predicts.
+    decoding in float32. The val pass of a bf16 run's epochs uses it (NEU-DET's val split: 2.6-3.0 s against
+    4.6-6.3 s in float32 in one set of timings, val mAP within 0.002 of float32's; docs/benchmarks.md, session
+    16); a run's final scores are float32, as the product predicts.
     """
     model = unwrap(model)  # no DDP collectives in evaluation: shards may differ in length
     model.eval()
