@@ -247,7 +247,6 @@ def test_agrees_with_pycocotools_run_directly(tmp_path, seed):
     assert counts[:, :4].sum() == sum(d.score >= 0.25 for dets in preds for d in dets)
 
 
-
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_headline_map_equals_the_full_evaluations(seed):
     gts, preds, classes = random_case(seed)
@@ -256,6 +255,7 @@ def test_headline_map_equals_the_full_evaluations(seed):
     assert coco_map(gts, [[] for _ in gts], classes) == (0.0, 0.0)
     with pytest.raises(DataError, match="nothing to evaluate"):
         coco_map([], [], classes)
+
 
 def test_to_dict_is_json_with_class_names():
     gts, preds, classes = random_case(0)
