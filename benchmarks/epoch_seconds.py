@@ -65,7 +65,8 @@ def main() -> None:
     for name, median in medians.items():
         print(f"  {name}: median epoch {median:.2f} s")
     ratios = [statistics.median(b) / statistics.median(c) for b, c in zip(baseline, current)]
-    overall = medians[next(iter(seconds))] / medians["this checkout"]
+    baseline_median, current_median = medians.values()
+    overall = baseline_median / current_median
     print(f"  baseline / this checkout: {overall:.3f} (by round: {', '.join(f'{r:.3f}' for r in ratios)})")
 
 
