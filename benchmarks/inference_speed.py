@@ -6,7 +6,8 @@ The model is DINOv2 ViT-S/14 (offline weights) with the dense detection head at 
 initialisation: speed does not depend on the head's weights. ``--builtin`` also measures
 the packaged built-in model at its own input size, with and without its box refiner, on the
 packaged NEU-DET samples (the refiner's cost grows with the number of detections, and noise
-gives a trained model almost none). Each backend runs in its own fresh
+gives a trained model almost none). ``--bf16`` adds PyTorch under bf16 autocast (``Detector.load(...,
+precision="bf16")``) beside float32 PyTorch and ONNX Runtime. Each backend runs in its own fresh
 process so that its peak resident memory (``resource.getrusage`` maxrss, which includes the
 Python and torch runtime every backend imports) is its own. The parent process never loads a
 model (runs are made and exported in a child too): Linux carries a parent's peak RSS over
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 NUM_CLASSES = 6  # NEU-DET's
+BACKEND_NAMES = {("torch", "fp32"): "PyTorch", ("torch", "bf16"): "PyTorch bf16", ("onnx", "fp32"): "ONNX Runtime"}
 
 
 def make_random_head_run(folder: Path, input_size: int) -> Path:
@@ -78,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
     from metaldefect.inference.detector import Detector
 
     detector = Detector.load(args.source, backend=args.backend, tile="off", conf=0.3, threads=args.threads or None,
-                             refine=not args.no_refine)
+                             refine=not args.no_refine, precision=args.precision)
     rng = np.random.default_rng(0)
     if args.samples:
         from metaldefect.data.images import load_image
@@ -94,7 +96,7 @@ def worker(args: argparse.Namespace) -> None:
         tensor = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
         timings = {"end_to_end": lambda batch=batch: detector.predict_batch(images[:batch]),
                    "network": lambda tensor=tensor: detector.network(tensor)}
-        row = {"backend": args.backend, "input_size": size, "batch": batch}
+        row = {"backend": BACKEND_NAMES[(args.backend, args.precision)], "input_size": size, "batch": batch}
         for name, call in timings.items():
             for _ in range(args.warmup):
                 call()
@@ -144,6 +146,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads of torch and onnxruntime (default 0: each library's own default)")
     parser.add_argument("--builtin", action="store_true", help="also the packaged built-in model")
+    parser.add_argument("--bf16", action="store_true", help="also PyTorch under bf16 autocast")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
@@ -151,6 +154,7 @@ def main() -> None:
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--no-refine", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--samples", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -168,12 +172,16 @@ def main() -> None:
                   "--large-repeats", str(args.large_repeats), "--threads", str(args.threads)]
         for label, source, options in models:
             prepared = run_child("--prepare", "--source", source, "--folder", tmp)
-            for backend, model_source in (("torch", prepared["source"]), ("onnx", prepared["onnx"])):
-                measured = run_child("--worker", "--source", model_source, "--backend", backend, *timing, *options)
+            backends = [("torch", "fp32", prepared["source"]), ("onnx", "fp32", prepared["onnx"])]
+            if args.bf16:
+                backends.insert(1, ("torch", "bf16", prepared["source"]))
+            for backend, precision, model_source in backends:
+                measured = run_child("--worker", "--source", model_source, "--backend", backend,
+                                     "--precision", precision, *timing, *options)
                 threads[backend] = measured["torch_threads"]
                 rows += [{"model": label, **row} for row in measured["results"]]
                 if measured["large"]:
-                    large.append({"model": label, "backend": backend, **measured["large"]})
+                    large.append({"model": label, "backend": BACKEND_NAMES[(backend, precision)], **measured["large"]})
     load_after = os.getloadavg()
 
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; "
@@ -184,7 +192,7 @@ def main() -> None:
     print("| model | backend | batch | end to end ms/image | images/s | network ms/image | images/s | peak RSS MB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['model']} | {'PyTorch' if row['backend'] == 'torch' else 'ONNX Runtime'} | {row['batch']} "
+        print(f"| {row['model']} | {row['backend']} | {row['batch']} "
               f"| {row['end_to_end_ms_per_image']:.1f} | {row['end_to_end_images_per_s']:.1f} "
               f"| {row['network_ms_per_image']:.1f} | {row['network_images_per_s']:.1f} | {row['peak_rss_mb']:.0f} |")
     if large:
@@ -192,7 +200,7 @@ def main() -> None:
         print("| model | backend | 2048 x 1000 image, tiled: tiles | seconds/image |")
         print("| --- | --- | --- | --- |")
         for row in large:
-            print(f"| {row['model']} | {'PyTorch' if row['backend'] == 'torch' else 'ONNX Runtime'} "
+            print(f"| {row['model']} | {row['backend']} "
                   f"| {row['tiles']} | {row['seconds']:.2f} |")
 
 

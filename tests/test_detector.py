@@ -10,6 +10,7 @@ import pytest
 import torch
 from inference_factory import CLASSES, make_run, textured
 from PIL import Image
+from torchvision.ops import box_iou
 
 from metaldefect.data.transforms import to_input_tensor
 from metaldefect.errors import DataError, MetalDefectError, WeightsError
@@ -87,6 +88,25 @@ def test_predict_batch_matches_one_by_one_and_conf_filters(detector):
     assert detector.score_threshold() == 0.5 and detector.score_threshold(0.2) == 0.2
 
 
+def test_bf16_precision_runs_the_network_in_bf16_and_keeps_the_detections(run_dir, detector):
+    fast = Detector.load(run_dir, conf=0.5, tile="off", precision="bf16")
+    assert fast.dtype == torch.bfloat16 and detector.dtype == torch.float32
+    image = textured(90, 150, seed=1)
+    outputs = fast.network(to_input_tensor(image, 32)[None])
+    assert all(v.dtype == torch.float32 for v in outputs.values() if v.is_floating_point())  # decoded as float32
+    reference = detector.network(to_input_tensor(image, 32)[None])
+    name = next(k for k, v in reference.items() if v.is_floating_point())
+    assert not torch.equal(outputs[name], reference[name])  # bf16 arithmetic really ran...
+    torch.testing.assert_close(outputs[name], reference[name], atol=0.1, rtol=0.05)  # ...to within bf16's precision
+    # Detections of near-equal score may swap places or cross the threshold: each one found in bf16 must have a
+    # float32 one of its class in nearly the same place.
+    expected, found = detector.predict(image), fast.predict(image)
+    assert found and abs(len(found) - len(expected)) <= max(2, len(expected) // 10)
+    for d in found:
+        same_class = [e.box for e in expected if e.label == d.label]
+        assert same_class and box_iou(torch.tensor([d.box]), torch.tensor(same_class)).max() > 0.9
+
+
 def test_classifier_run_gives_one_whole_image_detection(tmp_path):
     detector = Detector.load(make_run(tmp_path / "cls", head="classifier"), conf=0.0)
     assert detector.task == "classify"
@@ -135,6 +155,10 @@ def test_bad_sources_raise_one_clear_error(tmp_path, run_dir):
         Detector.load(run_dir, tile="huge")
     with pytest.raises(MetalDefectError, match="threads 0"):
         Detector.load(run_dir, threads=0)
+    with pytest.raises(MetalDefectError, match="precision must be one of auto, fp32, bf16; got 'fp8'"):
+        Detector.load(run_dir, precision="fp8")
+    with pytest.raises(MetalDefectError, match="bf16 runs on the torch backend only"):
+        Detector.load(run_dir, backend="onnx", precision="bf16")
     with pytest.raises(MetalDefectError, match="score threshold"):
         Detector.load(run_dir).predict(textured(20, 20), conf=1.5)
 

@@ -146,6 +146,9 @@ def test_bad_options_exit_2(images, run_dir, tmp_path, capsys):
     assert "threads 0" in capsys.readouterr().err
     assert predict([images], "--model", run_dir, "--batch-size", "0", "--out", tmp_path / "o") == 2
     assert "batch size 0" in capsys.readouterr().err
+    onnx_bf16 = ["--backend", "onnx", "--precision", "bf16"]
+    assert predict([images], "--model", run_dir, *onnx_bf16, "--out", tmp_path / "o") == 2
+    assert "bf16 runs on the torch backend only" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

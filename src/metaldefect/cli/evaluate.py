@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from metaldefect.cli.predict import add_precision_option
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="mAP@0.5, mAP@0.5:0.95, per-class AP, PR curves of a run",
@@ -21,6 +23,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-refine", action="store_true",
                         help="score the detector's own boxes: skip the model's box refiner (metaldefect refine)")
+    add_precision_option(parser)
     parser.set_defaults(handler=run)
 
 
@@ -38,7 +41,7 @@ def run(args) -> int:
         default_out = model / f"eval_{args.split}"
     out_dir = Path(args.out) if args.out else default_out
     report = evaluate_run(args.model, records, out_dir, args.conf, args.batch_size, progress=sys.stderr.isatty(),
-                          refine=not args.no_refine)
+                          refine=not args.no_refine, precision=args.precision)
     print(report.summary())
     print(f"mAP@0.5 {report.map50:.4f}  mAP@0.5:0.95 {report.map:.4f}" if report.map is not None
           else "no ground-truth boxes: mAP undefined")

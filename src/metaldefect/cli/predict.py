@@ -50,6 +50,13 @@ def add_model_options(parser: argparse.ArgumentParser, model: bool = True) -> No
                         help="CPU threads (default: the libraries'; 1 was fastest on a busy 2-core CPU)")
     parser.add_argument("--no-refine", action="store_true",
                         help="keep the detector's boxes: skip the model's box refiner (metaldefect refine)")
+    add_precision_option(parser)
+
+
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"],
+                        help="PyTorch backend arithmetic: fp32 (default), bf16 autocast, or auto (bf16 where the "
+                             "CPU computes it natively)")
 
 
 def collect_images(paths: list[str], problems: ProblemLog) -> list[tuple[Path, str]]:
@@ -103,7 +110,8 @@ def load_detector(args: argparse.Namespace, source: str):
     from metaldefect.inference.detector import Detector
 
     return Detector.load(source, backend=args.backend, tile=args.tile, conf=args.conf, overlap=args.overlap,
-                         batch_size=args.batch_size, threads=args.threads, refine=not args.no_refine)
+                         batch_size=args.batch_size, threads=args.threads, refine=not args.no_refine,
+                         precision=args.precision)
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from PIL import Image
 from metaldefect.data.images import load_image, to_uint8_rgb
 from metaldefect.data.records import Detection
 from metaldefect.data.transforms import to_input_tensor
+from metaldefect.engine.precision import autocast, dtype_name, training_dtype
 from metaldefect.errors import DataError, MetalDefectError
 from metaldefect.inference.tiling import DEFAULT_OVERLAP, check_overlap, parse_tile, predict_tiled, tile_side
 from metaldefect.models.refiner import gray_image
@@ -41,14 +42,19 @@ Network = Callable[[torch.Tensor], dict]
 
 
 class TorchNetwork:
-    """The PyTorch model as a :data:`Network` (inference mode, CPU)."""
+    """The PyTorch model as a :data:`Network` (inference mode, CPU), under autocast to ``dtype`` unless float32.
 
-    def __init__(self, model: torch.nn.Module):
+    Outputs come back float32 whatever ``dtype`` is, so decoding is the same for every precision.
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32):
         self.model = model.eval()
+        self.dtype = dtype
 
     def __call__(self, images: torch.Tensor) -> dict:
-        with torch.inference_mode():
-            return self.model(images)
+        with torch.inference_mode(), autocast(self.dtype):
+            outputs = self.model(images)
+        return {name: value.float() if value.is_floating_point() else value for name, value in outputs.items()}
 
 
 def as_rgb(image: str | Path | np.ndarray | Image.Image) -> np.ndarray:
@@ -89,12 +95,13 @@ class Detector:
         task: "detect", or "classify" (a classifier's prediction is one whole-image detection).
         backend: "torch" or "onnx".
         refiner: the box refiner applied to the detections (``metaldefect refine``), or None.
+        dtype: the arithmetic of the PyTorch backend's network and refiner (float32 for ONNX Runtime).
     """
 
     def __init__(self, network: Network, head: torch.nn.Module, classes: list[str], input_size: int, card: dict,
                  backend: str = "torch", tile: str | int = "auto",
                  overlap: float = DEFAULT_OVERLAP, conf: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 refiner=None):
+                 refiner=None, dtype: torch.dtype = torch.float32):
         self.network = network
         self.head = head
         self.classes = list(classes)
@@ -107,12 +114,14 @@ class Detector:
         self.conf = conf
         self.batch_size = int(batch_size)
         self.refiner = refiner if self.task == "detect" else None
+        self.dtype = dtype
         self._keep: object = None  # holds a temporary export folder alive as long as the detector
 
     @classmethod
     def load(cls, source: str | Path = "builtin", backend: str = "auto", tile: str | int = "auto",
              conf: float | None = None, overlap: float | None = None,
-             batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None, refine: bool = True) -> "Detector":
+             batch_size: int = DEFAULT_BATCH_SIZE, threads: int | None = None, refine: bool = True,
+             precision: str = "fp32") -> "Detector":
         """Load ``source``: "builtin", a training run directory (its ``checkpoint_best.pt``), a
         checkpoint ``.pt`` file of a run, or an exported ``.onnx`` file (with its sidecar JSON).
 
@@ -126,6 +135,9 @@ class Detector:
         ``refine``: move the detections' sides with the model's box refiner when it has one
         (``metaldefect refine RUN``: ``refiner.pt`` in the run; packaged with the built-in model;
         ``<name>.refiner.onnx`` beside an exported file).
+        ``precision``: the PyTorch backend's arithmetic, "fp32", "bf16" (autocast), or "auto" (bf16 where the
+        CPU computes it natively, as in training; :mod:`metaldefect.engine.precision`). ONNX Runtime runs
+        its graph in float32 whatever this says, except that an explicit "bf16" is an error there.
         """
         if backend not in BACKENDS:
             raise MetalDefectError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -136,10 +148,14 @@ class Detector:
                 raise MetalDefectError(f"threads {threads}: expected a positive number")
             torch.set_num_threads(threads)
         # Options are checked before the (slow) model load, so a typo fails at once.
+        dtype = training_dtype(precision)
         overlap = check_overlap(DEFAULT_OVERLAP if overlap is None else overlap)
         options = dict(tile=parse_tile(tile), overlap=overlap, conf=conf, batch_size=batch_size)
         path = Path(source)
-        if str(source) != "builtin" and path.suffix.lower() == ".onnx":
+        onnx_file = str(source) != "builtin" and path.suffix.lower() == ".onnx"
+        if precision == "bf16" and (onnx_file or backend == "onnx"):
+            raise MetalDefectError("precision bf16 runs on the torch backend only; ONNX Runtime runs float32")
+        if onnx_file:
             if backend == "torch":
                 raise MetalDefectError(f"{path}: an .onnx file runs with the onnx backend, not torch")
             return cls._from_onnx(path, threads, refine, **options)
@@ -153,8 +169,8 @@ class Detector:
             detector = cls._from_onnx(exported, threads, refine, **options)
             detector._keep = folder
             return detector
-        return cls(TorchNetwork(model), model.head, classes, model.backbone.input_size, card, "torch",
-                   refiner=refiner, **options)
+        return cls(TorchNetwork(model, dtype), model.head, classes, model.backbone.input_size, card, "torch",
+                   refiner=refiner, dtype=dtype, **options)
 
     @classmethod
     def _from_onnx(cls, path: Path, threads: int | None, refine: bool, **options) -> "Detector":
@@ -205,9 +221,9 @@ class Detector:
         index = {name: i for i, name in enumerate(self.classes)}
         boxes = torch.tensor([d.box for d in detections], dtype=torch.float32)
         labels = torch.tensor([index[d.label] for d in detections], dtype=torch.long)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.dtype):
             refined = self.refiner.refine(gray_image(array), boxes, labels)
-        return [Detection(box, d.label, d.score) for box, d in zip(refined.tolist(), detections)]
+        return [Detection(box, d.label, d.score) for box, d in zip(refined.float().tolist(), detections)]
 
     def _tiles(self) -> bool:
         # Automatic tiling is for detectors; a classifier tiles only when asked for a tile size.
@@ -230,7 +246,7 @@ class Detector:
     def __repr__(self) -> str:
         return (f"Detector(name={self.card.get('name')!r}, backend={self.backend!r}, task={self.task!r}, "
                 f"classes={len(self.classes)}, input_size={self.input_size}, tile={self.tile!r}, "
-                f"refiner={self.refiner is not None})")
+                f"refiner={self.refiner is not None}, precision={dtype_name(self.dtype)!r})")
 
 
 def load_model_refiner(source: str | Path, classes: list[str]):

@@ -41,15 +41,15 @@ def split_records(run_dir: Path, split: str) -> list[Record]:
 
 def evaluate_run(model: str | Path, records: list[Record], out_dir: Path | None = None,
                  conf: float | None = None, batch_size: int = 8, progress: bool = True,
-                 refine: bool = True) -> DetectionReport:
+                 refine: bool = True, precision: str = "fp32") -> DetectionReport:
     """Predict on ``records`` with ``model`` and score against their labels.
 
     Objects of classes the model does not know cannot be found by it: they are dropped from
     the ground truth, with one warning line saying how many.
     With ``out_dir``, writes ``metrics.json``, ``pr_curves.png`` and ``confusion.png`` there.
-    ``refine``: apply the model's box refiner, when it has one.
+    ``refine``: apply the model's box refiner, when it has one; ``precision``: as :meth:`Detector.load`.
     """
-    detector = Detector.load(model, batch_size=batch_size, refine=refine)
+    detector = Detector.load(model, batch_size=batch_size, refine=refine, precision=precision)
     if detector.task != "detect":
         raise MetalDefectError(f"{model}: a {detector.task} model has no boxes to evaluate with mAP")
     if not records:
