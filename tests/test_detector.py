@@ -88,23 +88,40 @@ def test_predict_batch_matches_one_by_one_and_conf_filters(detector):
     assert detector.score_threshold() == 0.5 and detector.score_threshold(0.2) == 0.2
 
 
-def test_bf16_precision_runs_the_network_in_bf16_and_keeps_the_detections(run_dir, detector):
+def floating_tensors(outputs) -> list[torch.Tensor]:
+    """Every floating tensor in a head's outputs, nested dicts and lists (an ensemble's members) included."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs] if outputs.is_floating_point() else []
+    values = outputs.values() if isinstance(outputs, dict) else outputs if isinstance(outputs, (list, tuple)) else []
+    return [tensor for value in values for tensor in floating_tensors(value)]
+
+
+@pytest.mark.parametrize("head", ["dense", "dense_ensemble"])
+def test_bf16_precision_runs_the_network_in_bf16_and_keeps_the_detections(head, tmp_path):
+    options = {} if head == "dense" else dict(members=2, scales=[2.0, 1.0], channels=32, max_detections=20)
+    run_dir = make_run(tmp_path / head, head=head, **options)
+    exact = Detector.load(run_dir, conf=0.5, tile="off")
     fast = Detector.load(run_dir, conf=0.5, tile="off", precision="bf16")
-    assert fast.dtype == torch.bfloat16 and detector.dtype == torch.float32
+    assert fast.dtype == torch.bfloat16 and exact.dtype == torch.float32
     image = textured(90, 150, seed=1)
-    outputs = fast.network(to_input_tensor(image, 32)[None])
-    assert all(v.dtype == torch.float32 for v in outputs.values() if v.is_floating_point())  # decoded as float32
-    reference = detector.network(to_input_tensor(image, 32)[None])
-    name = next(k for k, v in reference.items() if v.is_floating_point())
-    assert not torch.equal(outputs[name], reference[name])  # bf16 arithmetic really ran...
-    torch.testing.assert_close(outputs[name], reference[name], atol=0.1, rtol=0.05)  # ...to within bf16's precision
-    # Detections of near-equal score may swap places or cross the threshold: each one found in bf16 must have a
-    # float32 one of its class in nearly the same place.
-    expected, found = detector.predict(image), fast.predict(image)
-    assert found and abs(len(found) - len(expected)) <= max(2, len(expected) // 10)
+    outputs = floating_tensors(fast.network(to_input_tensor(image, 32)[None]))
+    reference = floating_tensors(exact.network(to_input_tensor(image, 32)[None]))
+    assert outputs and all(tensor.dtype == torch.float32 for tensor in outputs)  # decoded as float32
+    assert not all(torch.equal(a, b) for a, b in zip(outputs, reference))  # bf16 arithmetic really ran...
+    for a, b in zip(outputs, reference):
+        torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)  # ...to within bf16's precision
+    # This random head scores many boxes nearly alike, so a bf16 rounding can swap two, move one across the
+    # threshold (0.5) or change which one NMS keeps: nearly every bf16 detection must have a float32 one of its
+    # class, scored above 0.4, in nearly the same place and with nearly the same score.
+    expected, found = exact.predict(image, conf=0.4), fast.predict(image)
+    matched = 0
     for d in found:
-        same_class = [e.box for e in expected if e.label == d.label]
-        assert same_class and box_iou(torch.tensor([d.box]), torch.tensor(same_class)).max() > 0.9
+        same_class = [e for e in expected if e.label == d.label]
+        overlaps = box_iou(torch.tensor([d.box]), torch.tensor([e.box for e in same_class]).reshape(-1, 4))[0]
+        if len(same_class) and overlaps.max() > 0.9:
+            matched += 1
+            assert abs(same_class[int(overlaps.argmax())].score - d.score) < 0.02
+    assert len(found) >= 5 and matched >= 0.9 * len(found)
 
 
 def test_classifier_run_gives_one_whole_image_detection(tmp_path):

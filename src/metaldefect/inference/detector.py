@@ -54,7 +54,18 @@ class TorchNetwork:
     def __call__(self, images: torch.Tensor) -> dict:
         with torch.inference_mode(), autocast(self.dtype):
             outputs = self.model(images)
-        return {name: value.float() if value.is_floating_point() else value for name, value in outputs.items()}
+        return as_float32(outputs) if self.dtype != torch.float32 else outputs
+
+
+def as_float32(outputs):
+    """``outputs`` with every floating tensor in it float32; dicts and lists (an ensemble's members) followed."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {name: as_float32(value) for name, value in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(as_float32(value) for value in outputs)
+    return outputs
 
 
 def as_rgb(image: str | Path | np.ndarray | Image.Image) -> np.ndarray:
