@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-refine", action="store_true",
                         help="score the detector's own boxes: skip the model's box refiner (metaldefect refine)")
-    add_precision_option(parser)
+    add_precision_option(parser, default="fp32")
     parser.set_defaults(handler=run)
 
 
