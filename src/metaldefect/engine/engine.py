@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from metaldefect.engine.metrics import ConfusionMatrix, MetricSums
-from metaldefect.engine.precision import autocast
+from metaldefect.engine.precision import autocast, to_float32
 from metaldefect.engine.val_map import DetectionCollector
 from metaldefect.errors import MetalDefectError
 
@@ -42,18 +42,6 @@ def to_device(inputs, device: torch.device, memory_format: torch.memory_format =
     if isinstance(inputs, (list, tuple)):
         return [to_device(value, device, memory_format) for value in inputs]
     return inputs
-
-
-def to_float32(outputs):
-    """A head's outputs (a tensor, or dicts and lists of them) with floating tensors in float32,
-    so that losses and metrics are computed in full precision after an autocast forward pass."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.float() if outputs.is_floating_point() else outputs
-    if isinstance(outputs, dict):
-        return {key: to_float32(value) for key, value in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(to_float32(value) for value in outputs)
-    return outputs
 
 
 def _batch_size(inputs) -> int:

@@ -1,8 +1,9 @@
-"""The arithmetic of training: float32, or bfloat16 autocast where the CPU computes it natively.
+"""The arithmetic of training and inference: float32, or bfloat16 autocast where the CPU computes it natively.
 
 On a CPU with AMX (or AVX512-BF16), bf16 autocast made the box refiner's training 1.6 times
 faster, a dense head's training step 1.4 times and feature extraction 2.9 times (docs/benchmarks.md,
-sessions 12 and 13); elsewhere bf16 is emulated and slower, so ``"auto"`` picks it only where it is native.
+sessions 12 and 13), and the built-in model's inference 1.25 times at batch 1 (session 18); elsewhere bf16
+is emulated and slower, so ``"auto"`` picks it only where it is native.
 Losses, optimiser weights and saved models stay float32: autocast only lowers the precision of
 the operations it covers.
 """
@@ -42,6 +43,18 @@ def autocast(dtype: torch.dtype, device: torch.device | str = "cpu"):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def to_float32(outputs):
+    """A head's outputs (a tensor, or dicts and lists of them) with floating tensors in float32,
+    so that losses, metrics and decoding run in full precision after an autocast forward pass."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {key: to_float32(value) for key, value in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(to_float32(value) for value in outputs)
+    return outputs
 
 
 def dtype_name(dtype: torch.dtype) -> str:

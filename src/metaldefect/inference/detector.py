@@ -28,7 +28,7 @@ from PIL import Image
 from metaldefect.data.images import load_image, to_uint8_rgb
 from metaldefect.data.records import Detection
 from metaldefect.data.transforms import to_input_tensor
-from metaldefect.engine.precision import autocast, dtype_name, training_dtype
+from metaldefect.engine.precision import autocast, dtype_name, to_float32, training_dtype
 from metaldefect.errors import DataError, MetalDefectError
 from metaldefect.inference.tiling import DEFAULT_OVERLAP, check_overlap, parse_tile, predict_tiled, tile_side
 from metaldefect.models.refiner import gray_image
@@ -54,18 +54,7 @@ class TorchNetwork:
     def __call__(self, images: torch.Tensor) -> dict:
         with torch.inference_mode(), autocast(self.dtype):
             outputs = self.model(images)
-        return as_float32(outputs) if self.dtype != torch.float32 else outputs
-
-
-def as_float32(outputs):
-    """``outputs`` with every floating tensor in it float32; dicts and lists (an ensemble's members) followed."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.float() if outputs.is_floating_point() else outputs
-    if isinstance(outputs, dict):
-        return {name: as_float32(value) for name, value in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(as_float32(value) for value in outputs)
-    return outputs
+        return to_float32(outputs) if self.dtype != torch.float32 else outputs
 
 
 def as_rgb(image: str | Path | np.ndarray | Image.Image) -> np.ndarray:
