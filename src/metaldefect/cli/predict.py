@@ -56,7 +56,8 @@ def add_model_options(parser: argparse.ArgumentParser, model: bool = True) -> No
 def add_precision_option(parser: argparse.ArgumentParser, default: str) -> None:
     # auto for predict, serve and demo: on the built-in model bf16 scored val mAP within 0.0003 of float32 and ran
     # 1.25 times as fast at batch 1 (docs/benchmarks.md, session 18). evaluate keeps fp32, so that it reproduces
-    # the figures the docs report, all measured in float32.
+    # the figures the docs report, all measured in float32. The choices are engine.precision.PRECISIONS written
+    # out: importing that module loads torch, which `--help` should not wait for.
     parser.add_argument("--precision", default=default, choices=["auto", "fp32", "bf16"],
                         help=f"PyTorch backend arithmetic: fp32, bf16 autocast, or auto (bf16 where the CPU computes "
                              f"it natively); default {default}")

@@ -54,7 +54,7 @@ class TorchNetwork:
     def __call__(self, images: torch.Tensor) -> dict:
         with torch.inference_mode(), autocast(self.dtype):
             outputs = self.model(images)
-        return to_float32(outputs) if self.dtype != torch.float32 else outputs
+        return to_float32(outputs)
 
 
 def as_rgb(image: str | Path | np.ndarray | Image.Image) -> np.ndarray:
@@ -223,7 +223,7 @@ class Detector:
         labels = torch.tensor([index[d.label] for d in detections], dtype=torch.long)
         with torch.inference_mode(), autocast(self.dtype):
             refined = self.refiner.refine(gray_image(array), boxes, labels)
-        return [Detection(box, d.label, d.score) for box, d in zip(refined.float().tolist(), detections)]
+        return [Detection(box, d.label, d.score) for box, d in zip(refined.tolist(), detections)]
 
     def _tiles(self) -> bool:
         # Automatic tiling is for detectors; a classifier tiles only when asked for a tile size.
