@@ -196,6 +196,40 @@ def test_refine_refusals_are_one_line_and_leave_the_run_alone(dense_run, tmp_pat
     assert not (classifier / REFINER_FILE).exists()
 
 
+def test_a_final_fit_trains_on_val_too_and_refine_evaluate_and_packaging_follow(dense_run, tmp_path, capsys):
+    """train.final_fit: val's images join training, the last epoch is kept, and what reads the run's split
+    (refine, evaluate, the built-in card) knows there is no val left to score."""
+    assert main(["train", str(dense_run / "config.yaml"), "name=final", "train.final_fit=true",
+                 "--runs-dir", str(tmp_path)]) == 0
+    run = tmp_path / "final"
+    split = {name: (run / "split" / f"{name}.txt").read_text().split() for name in ("train", "val", "test")}
+    source = {name: (dense_run / "split" / f"{name}.txt").read_text().split() for name in ("train", "val", "test")}
+    assert split["train"] == sorted(source["train"] + source["val"]) and source["val"]
+    assert split["val"] == [] and split["test"] == source["test"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["final_fit"] is True and metrics["monitor"] is None and metrics["best"] is None
+    assert metrics["best_epoch"] == metrics["epochs_run"] == 2
+    assert metrics["images"]["train"] == len(split["train"]) and metrics["images"]["val"] == 0
+    assert not [key for key in (run / "history.csv").read_text().splitlines()[0].split(",") if key.startswith("val_")]
+    assert torch.load(run / "checkpoint_best.pt", weights_only=False)["epoch"] == 2
+    assert "training on the train and val images together" in capsys.readouterr().err
+
+    assert main(["refine", str(run), "--epochs", "2"]) == 0
+    assert "no val images (the run trained on them: train.final_fit)" in capsys.readouterr().out
+    saved = torch.load(run / REFINER_FILE, weights_only=False)
+    assert saved["best_epoch"] == 2 and "val_map" not in saved and (run / "refiner_curves.png").is_file()
+
+    assert main(["evaluate", str(run), "--split", "val"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"error: {run}: its val split is empty (a final fit trained on its val images: " \
+                    "train.final_fit); choose another --split or --data"
+
+    folder = builtin.package_run(run, tmp_path / "builtin_model")
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "A final fit (`train.final_fit`)" in card and "Validation: none" in card
+    assert "Box refiner" in card and "val IoU" not in card
+
+
 @pytest.fixture(scope="module")
 def refined_run(tmp_path_factory) -> Path:
     """A random tiny run (inference_factory) with a random refiner whose deltas are not zero."""

@@ -220,6 +220,7 @@ def test_user_errors_are_one_line(tmp_path, data, cache, capsys):
         (["name=w", "data.root=" + str(tmp_path / "nowhere")], "no such file or folder"),
         (["name=v", "data.split_dir=" + str(tmp_path / "nosplit")], "split"),
         (["name=u", "train.monitor=f1"], "train.monitor: 'f1' is not a metric"),
+        (["name=t", "train.final_fit=true", "train.early_stopping=2"], "train.early_stopping: needs val scores"),
     ]
     for extra, message in cases:
         assert train(config, tmp_path / "runs", *extra) == 2, extra

@@ -67,6 +67,9 @@ class TrainConfig:
     monitor: str = "loss"  # val metric that picks checkpoint_best.pt and drives early stopping (map50 / map: detecting heads)
     monitor_mode: str = "min"
     early_stopping: int = 0  # patience in epochs without improvement of `monitor`; 0 = off
+    # Train on the train and val images together, once the settings are chosen on val: no val scoring, the
+    # checkpoint is the last epoch, test is scored at the end (docs/benchmarks.md, session 19: more images helped).
+    final_fit: bool = False
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     ema_decay: float = 0.0  # exponential moving average of the trained weights, evaluated and saved; 0 = off
     # Arithmetic of training steps and feature extraction: fp32, bf16 (autocast), or auto = bf16 where the CPU
@@ -248,6 +251,9 @@ def _check_values(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: train.ema_decay: must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
     if cfg.train.early_stopping < 0:
         raise ConfigError(f"{source}: train.early_stopping: must be >= 0, got {cfg.train.early_stopping}")
+    if cfg.train.final_fit and cfg.train.early_stopping:
+        raise ConfigError(f"{source}: train.early_stopping: needs val scores, which train.final_fit=true leaves out "
+                          f"(it trains on val); set one of them to 0 / false")
     if cfg.train.tune_blocks < 0 or (cfg.train.tune_blocks and not cfg.train.frozen):
         raise ConfigError(f"{source}: train.tune_blocks: must be >= 0, and is for train.frozen=true only "
                           f"(got {cfg.train.tune_blocks} with frozen={cfg.train.frozen})")

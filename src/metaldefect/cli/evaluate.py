@@ -29,6 +29,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from metaldefect.data import load_dataset
+    from metaldefect.errors import MetalDefectError
     from metaldefect.inference.evaluation import evaluate_run, split_records
 
     model = Path(args.model)
@@ -38,6 +39,9 @@ def run(args) -> int:
         default_out = Path("eval")
     else:
         records = split_records(model, args.split)
+        if not records:
+            why = " (a final fit trained on its val images: train.final_fit)" if args.split == "val" else ""
+            raise MetalDefectError(f"{model}: its {args.split} split is empty{why}; choose another --split or --data")
         default_out = model / f"eval_{args.split}"
     out_dir = Path(args.out) if args.out else default_out
     report = evaluate_run(args.model, records, out_dir, args.conf, args.batch_size, progress=sys.stderr.isatty(),

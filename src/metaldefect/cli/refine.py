@@ -56,24 +56,28 @@ def run_refine(args) -> int:
     classes = list(checkpoint["classes"])
     settings = RefinerSettings(epochs=args.epochs, jitter=args.jitter, crop=args.crop, context=args.context,
                                seed=args.seed, precision=args.precision)
-    refiner, summary = train_refiner(split_records(run, "train"), split_records(run, "val"), classes, settings,
-                                     progress=sys.stderr.isatty())
-    # The detector's val mAP without and with the refiner, through the product path (written after saving,
-    # because the detector loads the refiner from the run).
-    save_refiner(target, refiner, classes, summary)
     val = split_records(run, "val")
-    without = evaluate_run(run, val, progress=False, refine=False)
-    with_refiner = evaluate_run(run, val, progress=False, refine=True)
-    summary["val_map"] = {"without": {"map50": without.map50, "map": without.map},
-                          "with": {"map50": with_refiner.map50, "map": with_refiner.map}}
+    refiner, summary = train_refiner(split_records(run, "train"), val, classes, settings,
+                                     progress=sys.stderr.isatty())
     save_refiner(target, refiner, classes, summary)
-    write_history(run / "refiner_history.csv", summary["history"])
-    plot_refiner_curves(summary["history"], run / "refiner_curves.png", title=f"{run.name}: box refiner")
-    best = summary["best"]
     print(f"box refiner: {target} (best epoch {summary['best_epoch']}, {summary['train_seconds']:.0f} s "
           f"in {summary['precision']})")
-    print(f"val IoU of jittered boxes {best['val_iou_before']:.3f} -> {best['val_iou_after']:.3f}")
-    print(f"val mAP@0.5 {without.map50:.4f} -> {with_refiner.map50:.4f}, "
-          f"mAP@0.5:0.95 {without.map:.4f} -> {with_refiner.map:.4f}")
+    if val:
+        # The detector's val mAP without and with the refiner, through the product path (after saving,
+        # because the detector loads the refiner from the run).
+        without = evaluate_run(run, val, progress=False, refine=False)
+        with_refiner = evaluate_run(run, val, progress=False, refine=True)
+        summary["val_map"] = {"without": {"map50": without.map50, "map": without.map},
+                              "with": {"map50": with_refiner.map50, "map": with_refiner.map}}
+        save_refiner(target, refiner, classes, summary)
+        best = summary["best"]
+        print(f"val IoU of jittered boxes {best['val_iou_before']:.3f} -> {best['val_iou_after']:.3f}")
+        print(f"val mAP@0.5 {without.map50:.4f} -> {with_refiner.map50:.4f}, "
+              f"mAP@0.5:0.95 {without.map:.4f} -> {with_refiner.map:.4f}")
+    else:
+        print(f"no val images (the run trained on them: train.final_fit); the last epoch is kept. "
+              f"Score it with: metaldefect evaluate {run} --split test")
+    write_history(run / "refiner_history.csv", summary["history"])
+    plot_refiner_curves(summary["history"], run / "refiner_curves.png", title=f"{run.name}: box refiner")
     print(f"wrote {run}/refiner_history.csv, refiner_curves.png")
     return 0

@@ -59,11 +59,16 @@ def plot_refiner_curves(history: list[dict], path: str | Path, title: str = "") 
                                (ious, (("val_iou_before", "val, jittered", ":"),
                                        ("val_iou_after", "val, refined", "--")), "Mean IoU with the labelled box")):
         for key, name, style in lines:
-            axis.plot(epochs, [row[key] for row in history], style, marker="o", markersize=3, label=name)
+            if any(key in row for row in history):  # no val lines after a final fit
+                axis.plot(epochs, [row.get(key, math.nan) for row in history], style, marker="o", markersize=3,
+                          label=name)
         axis.set_title(label)
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.lines:
+            axis.legend()
+        else:
+            axis.text(0.5, 0.5, "no val images (a final fit)", ha="center", va="center", transform=axis.transAxes)
     if title:
         figure.suptitle(title)
     figure.tight_layout()

@@ -183,7 +183,8 @@ def evaluate(refiner: BoxRefiner, loader, settings: RefinerSettings) -> dict[str
 def train_refiner(train_records: list[Record], val_records: list[Record], classes: list[str],
                   settings: RefinerSettings, progress: bool = True,
                   say=lambda text: print(text, file=sys.stderr)) -> tuple[BoxRefiner, dict]:
-    """Train a refiner; return it (the best epoch by val IoU after refinement, eval mode) and a summary:
+    """Train a refiner; return it (the best epoch by val IoU after refinement, eval mode; the last epoch when
+    ``val_records`` is empty, as after a final fit) and a summary:
     ``{"settings", "best_epoch", "best", "history", "train_seconds"}``."""
     torch.manual_seed(settings.seed)
     train_set = LabelledImages(train_records, classes, flips=True)
@@ -204,13 +205,13 @@ def train_refiner(train_records: list[Record], val_records: list[Record], classe
     started = time.time()
     for epoch in range(1, settings.epochs + 1):
         train_loss = train_one_epoch(refiner, train_loader, optimizer, scheduler, settings, epoch, progress, dtype)
-        val = evaluate(refiner, val_loader, settings)
+        val = evaluate(refiner, val_loader, settings) if len(val_set) else {}
         if not math.isfinite(train_loss):
             raise MetalDefectError(f"refiner epoch {epoch}: the training loss became {train_loss}; lower the lr")
         history.append({"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}})
-        say(f"refiner epoch {epoch}/{settings.epochs}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
-            f"val IoU {val['iou_before']:.3f} -> {val['iou_after']:.3f}")
-        if best is None or val["iou_after"] > best["val_iou_after"]:
+        say(f"refiner epoch {epoch}/{settings.epochs}: train loss {train_loss:.4f}" + (
+            f", val loss {val['loss']:.4f}, val IoU {val['iou_before']:.3f} -> {val['iou_after']:.3f}" if val else ""))
+        if best is None or not val or val["iou_after"] > best["val_iou_after"]:
             best = history[-1]
             best_state = {k: v.clone(memory_format=torch.contiguous_format) for k, v in refiner.state_dict().items()}
     refiner = refiner.to(memory_format=torch.contiguous_format)

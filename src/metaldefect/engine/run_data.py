@@ -60,9 +60,20 @@ def build_data(cfg: Config, say=lambda text: print(text, file=sys.stderr)) -> Ru
     for name in ("train", "val"):
         if not chosen[name]:
             raise ConfigError(f"data: the {name} split is empty (check data.split / data.split_dir and data.classes)")
+    if cfg.train.final_fit:
+        chosen, split_files = fold_val_into_train(chosen, split_files)
+        say(f"train.final_fit: training on the train and val images together ({len(chosen['train'])}); "
+            f"no val scores, the checkpoint is the last epoch")
     index = {name: i for i, name in enumerate(classes)}
     targets = {name: [make_target(r, index) for r in rs] for name, rs in chosen.items()}
     return RunData(root, classes, chosen, targets, split_files)
+
+
+def fold_val_into_train(chosen: dict[str, list[Record]], split_files: dict[str, list[str]]):
+    """The splits with val's records and file entries moved into train (each sorted, as split files are)."""
+    records = sorted(chosen["train"] + chosen["val"], key=lambda record: str(record.path))
+    return ({**chosen, "train": records, "val": []},
+            {**split_files, "train": sorted(split_files["train"] + split_files["val"]), "val": []})
 
 
 def keep_classes(records: list[Record], classes: list[str], task: str, say, where: str) -> list[Record]:

@@ -31,11 +31,21 @@ def resolved_config(cfg: Config) -> Config:
 
 def write_start_files(run_dir: Path, cfg: Config, classes: list[str], root: Path,
                       split_files: dict[str, list[str]], records: list[Record]) -> None:
-    """``classes.json`` and ``split/``: the split files used (copied), or the split made for this run."""
+    """``classes.json`` and ``split/``: the split files used (copied), or the split made for this run;
+    after ``train.final_fit``, the split trained on (val's entries in train.txt, val.txt empty)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "classes.json", json.dumps(classes, indent=2) + "\n")
     split_dir = run_dir / "split"
-    if cfg.data.split_dir:
+    if cfg.train.final_fit:
+        # The files say what trained, so that refine and evaluate see it: val's images are in train.txt.
+        split_dir.mkdir(exist_ok=True)
+        for name, paths in split_files.items():
+            write_text(split_dir / f"{name}.txt", "".join(path + "\n" for path in paths))
+        info = {"final_fit": "train.final_fit=true: the val images were trained on, with the train images",
+                "source": str(resolve_path(cfg.data.split_dir)) if cfg.data.split_dir else None,
+                "images": {name: len(paths) for name, paths in split_files.items()}}
+        write_text(split_dir / "split.json", json.dumps(info, indent=2) + "\n")
+    elif cfg.data.split_dir:
         source = resolve_path(cfg.data.split_dir)
         split_dir.mkdir(exist_ok=True)
         for name in SPLIT_FILES:

@@ -4,12 +4,13 @@
 
     config.yaml         the resolved config
     classes.json        the class vocabulary (index order)
-    split/              train.txt, val.txt, test.txt used (copied, or made here with data.split_seed)
+    split/              train.txt, val.txt, test.txt used (copied, or made here with data.split_seed;
+                        after train.final_fit, train.txt holds the val images too and val.txt is empty)
     history.csv         one row per epoch: lr, train_* and val_* losses and metrics, seconds
     curves.png          train against val per metric (the paper's figures)
     confusion.png       validation confusion matrix of the best checkpoint
     metrics.json        best and final val metrics, test metrics, weights used
-    checkpoint_best.pt  weights of the best epoch (by train.monitor)
+    checkpoint_best.pt  weights of the best epoch (by train.monitor; the last epoch after a final fit)
     checkpoint_last.pt  everything needed to resume
 
 Under ``torchrun`` every process runs this same function; only rank 0 writes.
@@ -261,17 +262,19 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
         train_metrics = train_one_epoch(module, loaders["train"], optimizer, epoch, dist.device,
                                         cfg.train.grad_clip, progress=cfg.train.progress and main, ema=ema,
                                         dtype=dtype)
-        val_metrics, _ = evaluate(evaluated, loaders["val"], dist.device, progress=cfg.train.progress and main,
-                                  dtype=dtype)
+        val_metrics = {}
+        if not cfg.train.final_fit:  # a final fit trains on val: nothing is left to score each epoch
+            val_metrics, _ = evaluate(evaluated, loaders["val"], dist.device, progress=cfg.train.progress and main,
+                                      dtype=dtype)
         scheduler.step()
         row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in train_metrics.items()},
                **{f"val_{k}": v for k, v in val_metrics.items()}, "seconds": round(time.time() - epoch_start, 3)}
         history.append(row)
-        if monitor not in row:
+        if monitor not in row and not cfg.train.final_fit:
             raise ConfigError(f"train.monitor: {cfg.train.monitor!r} is not a metric of this head "
                               f"(choose from {', '.join(sorted(val_metrics))})")
-        if improved(row[monitor], state["best"], cfg.train.monitor_mode):
-            state.update(best=row[monitor], best_epoch=epoch, stale=0)
+        if cfg.train.final_fit or improved(row[monitor], state["best"], cfg.train.monitor_mode):
+            state.update(best=row.get(monitor), best_epoch=epoch, stale=0)
             if main:
                 save_checkpoint(run_dir / "checkpoint_best.pt",
                                 {**base, "epoch": epoch, "state": trained_state(evaluated), "metrics": val_metrics})
@@ -345,14 +348,17 @@ def _gather_rng(dist: distributed.DistInfo) -> list[dict]:
 
 def _finish(cfg: Config, run_dir: Path, data: RunData, module: nn.Module, model: DefectModel, loaders: dict,
             dist: distributed.DistInfo, history: list[dict], state: dict, base: dict, timing: dict) -> None:
-    """Evaluate the best weights on val (with the confusion matrix) and test; write the results."""
+    """Evaluate the best weights on val (with the confusion matrix; none after a final fit) and test; write
+    the results."""
     best_path = run_dir / "checkpoint_best.pt"
     distributed.barrier()
     if best_path.exists():
         model.load_trained(base["part"], load_checkpoint(best_path)["state"])
     progress = cfg.train.progress and dist.is_main
     labels = data.classes + [NO_DEFECT]
-    val_metrics, confusion = evaluate(module, loaders["val"], dist.device, len(labels), progress)
+    val_metrics, confusion = None, None
+    if data.records["val"]:
+        val_metrics, confusion = evaluate(module, loaders["val"], dist.device, len(labels), progress)
     test_metrics = None
     if data.records["test"]:
         test_metrics, _ = evaluate(module, loaders["test"], dist.device, progress=progress, desc="test")
@@ -367,7 +373,9 @@ def _finish(cfg: Config, run_dir: Path, data: RunData, module: nn.Module, model:
         "images": {name: len(data.records[name]) for name in SPLITS},
         "epochs_run": len(history),
         "stopped_early": state["stopped_early"],
-        "monitor": {"metric": f"val_{cfg.train.monitor}", "mode": cfg.train.monitor_mode},
+        "monitor": None if cfg.train.final_fit else {"metric": f"val_{cfg.train.monitor}",
+                                                     "mode": cfg.train.monitor_mode},
+        "final_fit": cfg.train.final_fit,
         "best_epoch": state["best_epoch"],
         "checkpoint": best_path.name,
         "best": val_metrics,
