@@ -140,7 +140,8 @@ def card_from_run(run_dir: str | Path, checkpoint: dict, command: str | None = N
         "split": {"split_dir": data.get("split_dir"), "ratios": data.get("split"), "seed": data.get("split_seed"),
                   "images": metrics.get("images")},
         "metrics": {"best_epoch": metrics.get("best_epoch"), "monitor": metrics.get("monitor"),
-                    "final_fit": bool(metrics.get("final_fit")), "val": metrics.get("best"), "test": metrics.get("test")},
+                    "final_fit": bool(metrics.get("final_fit")), "val": metrics.get("best"),
+                    "test": metrics.get("test")},
         # What the run's training cost, and in which arithmetic (an ensemble records it per member).
         "training": training_record(metrics),
         # An ensemble (metaldefect ensemble) has no epoch of its own: its members' runs and epochs say what it is.
