@@ -37,6 +37,8 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> None:
     epochs = [row["epoch"] for row in history]
     for axis, (key, label) in zip(axes.flat, panels):
         for split, style in (("train", "-"), ("val", "--")):
+            if not _has_values(history, f"{split}_{key}"):  # no val line after a final fit
+                continue
             values = [row.get(f"{split}_{key}", math.nan) for row in history]
             axis.plot(epochs, values, style, marker="o", markersize=3, label=split)
         axis.set_title(label)
