@@ -102,8 +102,7 @@ CHOICES = {
 }
 # The views of metaldefect.data.transforms.VIEWS but "none" (a test keeps the two equal; config stays torch-free).
 AUGMENTATIONS = ("hflip", "vflip", "rot180", "transpose", "rot90", "rot270", "antitranspose",
-                 "shift_r", "shift_d", "shift_rd", "shift_rd_quarter", "shift_rd_3quarter",
-                 "bright", "dark", "contrast_up", "contrast_down")
+                 "shift_r", "shift_d", "shift_rd", "shift_rd_quarter", "shift_rd_3quarter")
 FREE_FORM = {"model.head_kwargs"}
 
 

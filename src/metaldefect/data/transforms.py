@@ -3,8 +3,7 @@
 Boxes here are normalised xyxy (``[N, 4]`` in [0, 1]). The resize is uniform per axis,
 so normalised boxes are unchanged by it. A view is one of the eight symmetries of a
 square (the dihedral group: flips, quarter turns, transposes) or a shift by part of a ViT
-patch ("shift_r", "shift_d", "shift_rd", ...), and moves the boxes with the image; or a change of the
-image's tones ("bright", "dark", "contrast_up", "contrast_down"), which leaves the boxes alone. The same views
+patch ("shift_r", "shift_d", "shift_rd", ...); it moves the boxes with the image. The same views
 are what the feature cache stores ("hflip", "rot90", ...), so cached and end-to-end
 training see the same augmentation.
 """
@@ -28,12 +27,7 @@ VIEW_STEPS = {"none": "", "hflip": "h", "vflip": "v", "rot180": "hv", "transpose
 SHIFT = 1 / 32
 SHIFTS = {"shift_r": (SHIFT, 0.0), "shift_d": (0.0, SHIFT), "shift_rd": (SHIFT, SHIFT),
           "shift_rd_quarter": (1 / 56, 1 / 56), "shift_rd_3quarter": (5 / 112, 5 / 112)}
-# Photometric views: the image's tones change, its boxes do not. Cameras and lighting over a steel strip
-# differ in exposure and contrast; a gamma of 0.7 / 1.4 brightens / darkens the mid-tones (black and white stay),
-# and a contrast of 1.4 / 0.7 stretches / flattens the tones about the image's mean (clipped to [0, 1]).
-PHOTOMETRIC = {"bright": ("gamma", 0.7), "dark": ("gamma", 1.4), "contrast_up": ("contrast", 1.4),
-               "contrast_down": ("contrast", 0.7)}
-VIEWS = (*VIEW_STEPS, *SHIFTS, *PHOTOMETRIC)
+VIEWS = (*VIEW_STEPS, *SHIFTS)
 
 
 def _steps(view: str) -> str:
@@ -56,11 +50,8 @@ def to_input_tensor(image: np.ndarray, size: int) -> torch.Tensor:
 def view_boxes(boxes: torch.Tensor, view: str) -> torch.Tensor:
     """Normalised xyxy boxes ``[N, 4]`` moved as :func:`view_image` moves the image.
 
-    Shift views clip the boxes to the image; :func:`view_target` drops those left empty. Photometric views
-    leave them as they are.
+    Shift views clip the boxes to the image; :func:`view_target` drops those left empty.
     """
-    if view in PHOTOMETRIC:
-        return boxes
     if view in SHIFTS:
         dx, dy = SHIFTS[view]
         return (boxes + boxes.new_tensor([dx, dy, dx, dy])).clamp(0.0, 1.0)
@@ -75,13 +66,7 @@ def view_boxes(boxes: torch.Tensor, view: str) -> torch.Tensor:
 
 
 def view_image(image: torch.Tensor, view: str) -> torch.Tensor:
-    """An image tensor ``[..., H, W]`` seen in ``view`` (a transpose makes it ``[..., W, H]``).
-
-    Photometric views need float values in [0, 1] and ``[..., C, H, W]``: the contrast is taken about the mean
-    of each image's ``C x H x W`` values.
-    """
-    if view in PHOTOMETRIC:
-        return _tone_image(image, *PHOTOMETRIC[view])
+    """An image tensor ``[..., H, W]`` seen in ``view`` (a transpose makes it ``[..., W, H]``)."""
     if view in SHIFTS:
         return _shift_image(image, *SHIFTS[view])
     for step in _steps(view):
@@ -100,21 +85,12 @@ def _shift_image(image: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     return F.pad(kept.float(), (right, 0, down, 0), mode="replicate").reshape(image.shape).to(image.dtype)
 
 
-def _tone_image(image: torch.Tensor, kind: str, amount: float) -> torch.Tensor:
-    """``image`` ``[..., C, H, W]`` in [0, 1] with a gamma or a contrast factor applied, still in [0, 1]."""
-    if kind == "gamma":
-        return image.clamp(0.0, 1.0).pow(amount)
-    mean = image.mean(dim=(-3, -2, -1), keepdim=True)
-    return ((image - mean) * amount + mean).clamp(0.0, 1.0)
-
-
 def view_target(target: dict, view: str) -> dict:
-    """A copy of a generic target with its boxes moved for ``view`` (the target itself for "none" and
-    the photometric views).
+    """A copy of a generic target with its boxes moved for ``view`` (the target itself for "none").
 
     A shift view drops the boxes it pushes wholly out of the image, with their labels.
     """
-    if view == "none" or view in PHOTOMETRIC:
+    if view == "none":
         return target
     boxes = view_boxes(target["boxes"], view)
     if view not in SHIFTS:
