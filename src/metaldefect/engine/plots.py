@@ -61,7 +61,7 @@ def plot_refiner_curves(history: list[dict], path: str | Path, title: str = "") 
                                (ious, (("val_iou_before", "val, jittered", ":"),
                                        ("val_iou_after", "val, refined", "--")), "Mean IoU with the labelled box")):
         for key, name, style in lines:
-            if any(key in row for row in history):  # no val lines after a final fit
+            if _has_values(history, key):  # no val lines after a final fit
                 axis.plot(epochs, [row.get(key, math.nan) for row in history], style, marker="o", markersize=3,
                           label=name)
         axis.set_title(label)
