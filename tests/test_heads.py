@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from metaldefect.config import AUGMENTATIONS
 from metaldefect.data.encoders import encode_first_object, encode_image_labels, encode_slots, image_label, make_target
+from metaldefect.data.mixing import MIX_VIEWS
 from metaldefect.data.records import Record
 from metaldefect.data.transforms import SHIFT, VIEW_STEPS, VIEWS, view_boxes, view_image, view_target
 from metaldefect.errors import ConfigError, DataError
@@ -78,7 +79,7 @@ def test_views_are_the_eight_symmetries_of_a_square():
     assert len({tuple(x.flatten().tolist()) for x in seen.values()}) == 8
     assert torch.equal(seen["rot90"], torch.from_numpy(np.rot90(image.numpy(), 1, axes=(1, 2)).copy()))
     assert torch.equal(seen["rot270"], torch.from_numpy(np.rot90(image.numpy(), 3, axes=(1, 2)).copy()))
-    assert set(AUGMENTATIONS) == set(VIEWS) - {"none"}  # what a config may ask for
+    assert set(AUGMENTATIONS) == set(VIEWS) - {"none"} | set(MIX_VIEWS)  # what a config may ask for
     original = target([[0.1, 0.2, 0.3, 0.4]], [1])
     assert view_target(original, "none") is original
     assert torch.allclose(view_target(original, "vflip")["boxes"], torch.tensor([[0.1, 0.6, 0.3, 0.8]]))

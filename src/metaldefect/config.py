@@ -100,9 +100,10 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),  # metaldefect.engine.precision.PRECISIONS (config stays torch-free)
 }
-# The views of metaldefect.data.transforms.VIEWS but "none" (a test keeps the two equal; config stays torch-free).
+# The views of metaldefect.data.transforms.VIEWS but "none", and the mix views of metaldefect.data.mixing
+# (a test keeps them equal; config stays torch-free).
 AUGMENTATIONS = ("hflip", "vflip", "rot180", "transpose", "rot90", "rot270", "antitranspose",
-                 "shift_r", "shift_d", "shift_rd", "shift_rd_quarter", "shift_rd_3quarter")
+                 "shift_r", "shift_d", "shift_rd", "shift_rd_quarter", "shift_rd_3quarter", "mix_x", "mix_y")
 FREE_FORM = {"model.head_kwargs"}
 
 

@@ -23,6 +23,9 @@ against 600 s (docs/benchmarks.md, session 13). Extraction writes into ``<entry>
 recording the rows done in ``progress.json`` after each; an interrupted run resumes from
 there, and a finished entry appears by an atomic rename. A lock file serialises
 processes that extract into the same cache folder (POSIX ``fcntl``).
+
+A mix view (:mod:`metaldefect.data.mixing`) stores the features of each image joined with its
+partner; its plan (``mixes``) is part of the entry's key, so another pairing is another entry.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from tqdm import tqdm
 
 from metaldefect.atomic import write_text
 from metaldefect.data.images import load_image
+from metaldefect.data.mixing import MixPlan, mix_images
 from metaldefect.data.transforms import VIEWS, to_input_tensor, view_image
 from metaldefect.engine.precision import autocast, dtype_name
 from metaldefect.errors import DataError
@@ -131,8 +135,9 @@ def backbone_key(backbone: Backbone, dtype: torch.dtype = torch.float32) -> dict
     }
 
 
-def entry_name(key: dict, view: str, image_sha1s: list[str]) -> str:
-    digest = hashlib.sha1(json.dumps({**key, "view": view}, sort_keys=True).encode())
+def entry_name(key: dict, view: str, image_sha1s: list[str], mix: MixPlan | None = None) -> str:
+    named = {**key, "view": view, **({"mix": mix.digest()} if mix is not None else {})}
+    digest = hashlib.sha1(json.dumps(named, sort_keys=True).encode())
     for sha1 in image_sha1s:
         digest.update(sha1.encode())
     return f"{key['backbone']}-{view}-{digest.hexdigest()[:20]}"
@@ -154,6 +159,20 @@ class _Images(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return to_input_tensor(load_image(self.paths[index]), self.size)
+
+
+def _view_batch(batch: torch.Tensor, view: str, rows: range, paths: list[Path], size: int,
+                mix: MixPlan | None) -> torch.Tensor:
+    """Images ``[B, 3, S, S]`` of ``rows`` seen in ``view``: a mix view joins each with its partner
+    (read from disk here, as the loader reads the batch)."""
+    if mix is None:
+        return view_image(batch, view)
+    mixed = []
+    for image, row in zip(batch, rows):
+        path = str(paths[row])
+        partner = to_input_tensor(load_image(Path(mix.partner[path])), size)
+        mixed.append(mix_images(image, partner, mix.cut[path], mix.axis))
+    return torch.stack(mixed)
 
 
 class _EntryWriter:
@@ -229,19 +248,23 @@ def extract_features(
     num_workers: int = 0,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    mixes: dict[str, MixPlan] | None = None,
 ) -> FeatureSet:
     """Features of ``image_paths`` for each view, from the cache or computed into it (see module doc);
-    computed ones under autocast to ``dtype`` when it is not float32."""
+    computed ones under autocast to ``dtype`` when it is not float32. ``mixes`` holds the plan of each
+    mix view among ``views``, over these paths."""
     paths = [Path(p) for p in image_paths]
     cache_dir = Path(cache_dir)
-    unknown = [view for view in views if view not in VIEWS]
+    mixes = mixes or {}
+    unknown = [view for view in views if view not in VIEWS and view not in mixes]
     if unknown or not views:
-        raise ValueError(f"views must be a non-empty selection of {VIEWS}, got {tuple(views)}")
+        raise ValueError(f"views must be a non-empty selection of {VIEWS} or mix views with a plan, "
+                         f"got {tuple(views)}")
     if not paths:
         raise DataError("no images to extract features from")
     key = backbone_key(backbone, dtype)
     sha1s = [file_sha1(path) for path in paths]
-    entries = {view: cache_dir / entry_name(key, view, sha1s) for view in dict.fromkeys(views)}
+    entries = {view: cache_dir / entry_name(key, view, sha1s, mixes.get(view)) for view in dict.fromkeys(views)}
     store_map = not map_is_last_layer(backbone)
     computed = {view: 0 for view in entries}
 
@@ -250,15 +273,18 @@ def extract_features(
             missing = {view: entry for view, entry in entries.items() if not entry.is_dir()}
             if missing:
                 computed.update(_compute(backbone, paths, missing, key, store_map, batch_size, num_workers, progress,
-                                         dtype))
+                                         dtype, mixes))
     views_features = {view: _open_entry(entry, store_map) for view, entry in entries.items()}
     return FeatureSet(paths=paths, views=views_features, key=key, computed=computed)
 
 
-def _compute(backbone, paths, entries, key, store_map, batch_size, num_workers, progress, dtype) -> dict[str, int]:
+def _compute(backbone, paths, entries, key, store_map, batch_size, num_workers, progress, dtype,
+             mixes) -> dict[str, int]:
     """Run the images through the backbone for the ``entries`` views; returns rows computed per view."""
     writers = {
-        view: _EntryWriter(entry, len(paths), {**key, "view": view, "count": len(paths)}, store_map)
+        view: _EntryWriter(entry, len(paths), {**key, "view": view, "count": len(paths),
+                                               **({"mix": mixes[view].digest()} if view in mixes else {})},
+                           store_map)
         for view, entry in entries.items()
     }
     start = min(writer.done for writer in writers.values())
@@ -276,8 +302,9 @@ def _compute(backbone, paths, entries, key, store_map, batch_size, num_workers, 
                 for view, writer in writers.items():
                     if writer.done >= end:
                         continue  # resumed: this view already holds these rows
+                    images = _view_batch(batch, view, range(row, end), paths, backbone.input_size, mixes.get(view))
                     with torch.inference_mode(), autocast(dtype, device):
-                        outputs = backbone(view_image(batch.to(device), view))
+                        outputs = backbone(images.to(device))
                     writer.write(row, outputs)
                     computed[view] += len(batch)
                 row = end

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from metaldefect.config import Config, resolve_path, save_config
 from metaldefect.data.dataset import FeatureDataset, ImageDataset, collate, with_images
+from metaldefect.data.mixing import Mixes, mix_plans
 from metaldefect.engine import distributed
 from metaldefect.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from metaldefect.engine.engine import evaluate, train_one_epoch, unwrap
@@ -85,6 +86,12 @@ def build_loaders(cfg: Config, data: RunData, model: DefectModel, dist: distribu
     """
     computed = 0
     views = tuple(cfg.train.augment)
+    train_paths = [str(r.path) for r in data.records["train"]]
+    plans = mix_plans(views, train_paths, data.targets["train"])
+    mixes = {name: Mixes(plans, train_paths) if name == "train" else None for name in SPLITS}
+    if plans and getattr(model.head, "needs_image", False):
+        raise ConfigError(f"train.augment: mix views ({', '.join(plans)}) are not supported for a head that "
+                          "learns from the image too (model.head_kwargs.detail_width)")
     if cfg.train.frozen:
         cache_dir = resolve_path(cfg.train.cache_dir) or user_cache_dir() / "features"
         extractor = model.backbone
@@ -104,11 +111,11 @@ def build_loaders(cfg: Config, data: RunData, model: DefectModel, dist: distribu
                     feature_sets[part] = extract_features(
                         extractor, paths, cache_dir, batch_size=cfg.train.batch_size,
                         views=("none",) if part == "none" else views, progress=cfg.train.progress and dist.is_main,
-                        dtype=dtype)
+                        dtype=dtype, mixes=plans)
             distributed.barrier()
         computed = sum(sum(feature_set.computed.values()) for feature_set in feature_sets.values())
         datasets = {name: FeatureDataset(_source(feature_sets, [str(r.path) for r in data.records[name]]),
-                                         data.targets[name], views if name == "train" else ())
+                                         data.targets[name], views if name == "train" else (), mixes[name])
                     for name in SPLITS}
         if getattr(model.head, "needs_image", False):  # the head learns from the pixels as well
             for name, dataset in datasets.items():
@@ -116,7 +123,7 @@ def build_loaders(cfg: Config, data: RunData, model: DefectModel, dist: distribu
                                              cfg.model.input_size)
     else:
         datasets = {name: ImageDataset(data.records[name], data.targets[name], cfg.model.input_size,
-                                       views if name == "train" else ())
+                                       views if name == "train" else (), mixes[name])
                     for name in SPLITS}
     train_sampler = DistributedSampler(datasets["train"], num_replicas=dist.world_size, rank=dist.rank,
                                        shuffle=True, seed=cfg.seed)
