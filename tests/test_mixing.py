@@ -152,3 +152,16 @@ def test_a_dense_run_trains_on_cached_mix_views(tmp_path):
     views = {json.loads(meta.read_text())["view"] for meta in cache.glob("*/meta.json")}
     assert views == {"none", "hflip", "mix_x", "mix_y"}
     assert len(history(tmp_path / "runs" / "mix")) == 2
+
+
+def test_mix_views_with_a_head_that_reads_the_image_are_a_one_line_config_error(tmp_path, capsys):
+    data = make_dataset(tmp_path / "NEU", images=12)
+    config = write_config(tmp_path / "detail.yaml", data, tmp_path / "cache", "dense",
+                          model={"backbone": "vit_tiny_patch16_224", "input_size": 64,
+                                 "head_kwargs": {"channels": 16, "num_convs": 1, "scales": [1.0, 0.5],
+                                                 "detail_width": 4}},
+                          train={"epochs": 1, "augment": ["mix_x"]})
+    assert train(config, tmp_path / "runs") == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "mix views (mix_x) are not supported" in error[0]
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("*/meta.json"))
