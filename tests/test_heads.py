@@ -99,6 +99,19 @@ def test_shift_views_fill_the_border_with_the_edge_and_drop_boxes_pushed_out():
     assert torch.allclose(shifted["boxes"], expected)
 
 
+def test_composite_views_flip_then_shift_and_drop_boxes_pushed_out():
+    image = torch.arange(64.0 * 64).view(1, 64, 64)
+    for flip in ("hflip", "vflip", "rot180"):
+        assert torch.equal(view_image(image, f"{flip}+shift_rd"), view_image(view_image(image, flip), "shift_rd"))
+    # hflip sends the box at x 0..0.02 to x 0.98..1.0, and the shift right then pushes it out.
+    original = target([[0.0, 0.1, 0.02, 0.2], [0.1, 0.5, 0.2, 0.6]], [1, 3])
+    seen = view_target(original, "hflip+shift_r")
+    assert seen["labels"].tolist() == [3]
+    assert torch.allclose(seen["boxes"], torch.tensor([[0.8 + SHIFT, 0.5, 0.9 + SHIFT, 0.6]]))
+    with pytest.raises(ValueError, match="unknown view 'shift_r\\+hflip'"):
+        view_image(image, "shift_r+hflip")  # only the listed composites: a flip, then a shift
+
+
 @pytest.mark.parametrize("view, right, down", [("shift_r", 7, 0), ("shift_rd_quarter", 4, 4),
                                                ("shift_rd_3quarter", 10, 10)])
 def test_shift_views_move_whole_pixels_at_224(view, right, down):

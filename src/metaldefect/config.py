@@ -103,7 +103,9 @@ CHOICES = {
 # The views of metaldefect.data.transforms.VIEWS but "none", and the mix views of metaldefect.data.mixing
 # (a test keeps them equal; config stays torch-free).
 AUGMENTATIONS = ("hflip", "vflip", "rot180", "transpose", "rot90", "rot270", "antitranspose",
-                 "shift_r", "shift_d", "shift_rd", "shift_rd_quarter", "shift_rd_3quarter", "mix_x", "mix_y")
+                 "shift_r", "shift_d", "shift_rd", "shift_rd_quarter", "shift_rd_3quarter",
+                 "hflip+shift_r", "hflip+shift_d", "hflip+shift_rd", "vflip+shift_r", "vflip+shift_d",
+                 "vflip+shift_rd", "rot180+shift_r", "rot180+shift_d", "rot180+shift_rd", "mix_x", "mix_y")
 FREE_FORM = {"model.head_kwargs"}
 
 

@@ -2,8 +2,9 @@
 
 Boxes here are normalised xyxy (``[N, 4]`` in [0, 1]). The resize is uniform per axis,
 so normalised boxes are unchanged by it. A view is one of the eight symmetries of a
-square (the dihedral group: flips, quarter turns, transposes) or a shift by part of a ViT
-patch ("shift_r", "shift_d", "shift_rd", ...); it moves the boxes with the image. The same views
+square (the dihedral group: flips, quarter turns, transposes), a shift by part of a ViT
+patch ("shift_r", "shift_d", "shift_rd", ...), or a flip then a half-patch shift ("hflip+shift_rd", ...);
+it moves the boxes with the image. The same views
 are what the feature cache stores ("hflip", "rot90", ...), so cached and end-to-end
 training see the same augmentation.
 """
@@ -27,7 +28,18 @@ VIEW_STEPS = {"none": "", "hflip": "h", "vflip": "v", "rot180": "hv", "transpose
 SHIFT = 1 / 32
 SHIFTS = {"shift_r": (SHIFT, 0.0), "shift_d": (0.0, SHIFT), "shift_rd": (SHIFT, SHIFT),
           "shift_rd_quarter": (1 / 56, 1 / 56), "shift_rd_3quarter": (5 / 112, 5 / 112)}
-VIEWS = (*VIEW_STEPS, *SHIFTS)
+# Composite views: a flip, then a half-patch shift of the flipped image. The plain shifts keep the
+# image's orientation, the plain flips its patch grid; each composite is a token map neither gives
+# (the flipped image with its box sides at other places inside their patches).
+COMPOSITES = tuple(f"{flip}+{shift}" for flip in ("hflip", "vflip", "rot180") for shift in ("shift_r", "shift_d", "shift_rd"))
+VIEWS = (*VIEW_STEPS, *SHIFTS, *COMPOSITES)
+
+
+def _parts(view: str) -> list[str]:
+    """The elementary views ``view`` applies in order: ``"hflip+shift_rd"`` -> ``["hflip", "shift_rd"]``."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
+    return view.split("+")
 
 
 def _steps(view: str) -> str:
@@ -52,6 +64,10 @@ def view_boxes(boxes: torch.Tensor, view: str) -> torch.Tensor:
 
     Shift views clip the boxes to the image; :func:`view_target` drops those left empty.
     """
+    if "+" in view:
+        for part in _parts(view):
+            boxes = view_boxes(boxes, part)
+        return boxes
     if view in SHIFTS:
         dx, dy = SHIFTS[view]
         return (boxes + boxes.new_tensor([dx, dy, dx, dy])).clamp(0.0, 1.0)
@@ -67,6 +83,10 @@ def view_boxes(boxes: torch.Tensor, view: str) -> torch.Tensor:
 
 def view_image(image: torch.Tensor, view: str) -> torch.Tensor:
     """An image tensor ``[..., H, W]`` seen in ``view`` (a transpose makes it ``[..., W, H]``)."""
+    if "+" in view:
+        for part in _parts(view):
+            image = view_image(image, part)
+        return image
     if view in SHIFTS:
         return _shift_image(image, *SHIFTS[view])
     for step in _steps(view):
@@ -88,12 +108,12 @@ def _shift_image(image: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
 def view_target(target: dict, view: str) -> dict:
     """A copy of a generic target with its boxes moved for ``view`` (the target itself for "none").
 
-    A shift view drops the boxes it pushes wholly out of the image, with their labels.
+    A view with a shift drops the boxes it pushes wholly out of the image, with their labels.
     """
     if view == "none":
         return target
     boxes = view_boxes(target["boxes"], view)
-    if view not in SHIFTS:
+    if not any(part in SHIFTS for part in _parts(view)):
         return {**target, "boxes": boxes}
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     return {**target, "boxes": boxes[keep], "labels": target["labels"][keep]}
