@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from data_factory import neu_dataset
 from PIL import Image
 
@@ -49,11 +50,14 @@ def count_forwards(backbone) -> list[int]:
 def test_features_equal_the_backbone_on_resized_and_flipped_images(tmp_path):
     paths = make_images(tmp_path / "images")
     backbone = tiny_backbone()
-    features = extract_features(backbone, paths, tmp_path / "cache", batch_size=2, views=("none", "hflip", "vflip"),
-                                progress=False)
-    assert features.computed == {"none": 5, "hflip": 5, "vflip": 5}
+    views = ("none", "hflip", "vflip", "rot180+shift_rd")
+    features = extract_features(backbone, paths, tmp_path / "cache", batch_size=2, views=views, progress=False)
+    assert features.computed == dict.fromkeys(views, 5)
     images = torch.stack([to_input_tensor(load_image(p), 32) for p in paths])
-    for view, flipped in (("none", images), ("hflip", images.flip(-1)), ("vflip", images.flip(-2))):
+    # rot180+shift_rd: turned, then moved 1 px right and down (1/32 of 32 px), the edge repeated.
+    turned_shifted = F.pad(images.flip(-1, -2)[..., :31, :31], (1, 0, 1, 0), mode="replicate")
+    for view, flipped in (("none", images), ("hflip", images.flip(-1)), ("vflip", images.flip(-2)),
+                          ("rot180+shift_rd", turned_shifted)):
         with torch.no_grad():
             expected = backbone(flipped)
         cached = features[view]
