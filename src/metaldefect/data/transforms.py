@@ -3,10 +3,9 @@
 Boxes here are normalised xyxy (``[N, 4]`` in [0, 1]). The resize is uniform per axis,
 so normalised boxes are unchanged by it. A view is one of the eight symmetries of a
 square (the dihedral group: flips, quarter turns, transposes), a shift by part of a ViT
-patch ("shift_r", "shift_d", "shift_rd", ...), or a flip then a half-patch shift ("hflip+shift_rd", ...);
-it moves the boxes with the image. The same views
-are what the feature cache stores ("hflip", "rot90", ...), so cached and end-to-end
-training see the same augmentation.
+patch ("shift_r", "shift_d", "shift_rd", ...), or a flip then a half-patch shift ("hflip+shift_rd",
+...); it moves the boxes with the image. The same views are what the feature cache stores
+("hflip", "rot90", ...), so cached and end-to-end training see the same augmentation.
 """
 from __future__ import annotations
 
@@ -31,7 +30,8 @@ SHIFTS = {"shift_r": (SHIFT, 0.0), "shift_d": (0.0, SHIFT), "shift_rd": (SHIFT, 
 # Composite views: a flip, then a half-patch shift of the flipped image. The plain shifts keep the
 # image's orientation, the plain flips its patch grid; each composite is a token map neither gives
 # (the flipped image with its box sides at other places inside their patches).
-COMPOSITES = tuple(f"{flip}+{shift}" for flip in ("hflip", "vflip", "rot180") for shift in ("shift_r", "shift_d", "shift_rd"))
+COMPOSITES = tuple(f"{flip}+{shift}" for flip in ("hflip", "vflip", "rot180")
+                   for shift in ("shift_r", "shift_d", "shift_rd"))
 VIEWS = (*VIEW_STEPS, *SHIFTS, *COMPOSITES)
 
 
