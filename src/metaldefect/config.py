@@ -55,6 +55,9 @@ class TrainConfig:
     trainable_layers: int | None = None  # end to end only: last N parameterised backbone layers train; null = all
     tune_blocks: int = 0  # frozen ViT only: its last N blocks train with the head on cached features of the rest
     backbone_lr: float | None = None  # learning rate of trained backbone weights; null = train.lr
+    # A run (its best checkpoint) or a checkpoint file whose trained weights this run starts from, e.g. heads trained
+    # on frozen features, then fine-tuned end to end (train.frozen=false). The model settings must be the same.
+    init_from: str | None = None
     cache_dir: str | None = None  # feature cache; null = $METALDEFECT_CACHE/features or ~/.cache/metaldefect/features
     epochs: int = 30
     batch_size: int = 32

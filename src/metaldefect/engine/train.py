@@ -203,6 +203,9 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
     seed_everything(cfg.seed)  # the same on every process, so every process builds the same model
     data = build_data(cfg, say)
     model, spec = build_model(cfg, data)
+    if cfg.train.init_from and checkpoint is None:  # a resumed run has its own weights
+        start_from(model, spec, data.classes, cfg.train.init_from)
+        say(f"starting from the weights of {cfg.train.init_from}")
     model.to(dist.device)
     dtype = training_dtype(cfg.train.precision, dist.device)
     features_started = time.time()
@@ -307,6 +310,29 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
               "features_computed": features_computed, "precision": dtype_name(dtype)}
     _finish(cfg, run_dir, data, module, model, loaders, dist, history, state, base, timing)
     return run_dir
+
+
+# What must agree between a run and the run whose weights it starts from (train.init_from); the
+# backbone's weight source may differ, since the loaded weights replace them.
+SAME_FOR_INIT = ("backbone_name", "head_name", "num_classes", "input_size", "layers", "head_kwargs")
+
+
+def start_from(model: DefectModel, spec: dict, classes: list[str], source: str) -> None:
+    """Load into ``model`` what another run trained (``source``: its directory, for its best checkpoint, or a
+    checkpoint file): its head, tuned blocks or whole model, over the pretrained weights."""
+    path = resolve_path(source)
+    if path.is_dir():
+        path = path / "checkpoint_best.pt"
+    start = load_checkpoint(path)
+    theirs = start["model_spec"]
+    differ = [f"{key} ({theirs.get(key)!r} there)" for key in SAME_FOR_INIT if theirs.get(key) != spec.get(key)]
+    if differ:
+        raise ConfigError(f"train.init_from: {path}: its model differs in {', '.join(differ)}")
+    if list(start["classes"]) != list(classes):
+        raise ConfigError(f"train.init_from: {path}: its classes {start['classes']} are not this run's {classes}")
+    if "backbone_state" in start:
+        model.backbone.load_state_dict(start["backbone_state"])
+    model.load_trained(start["part"], start["state"])
 
 
 def trained_state(trained: nn.Module) -> dict:
