@@ -102,3 +102,12 @@ def test_every_shipped_config_loads_and_names_real_head_options(path):
 def test_the_paper_experiments_each_have_a_config():
     names = {p.stem for p in (REPO_ROOT / "configs" / "paper").glob("*.yaml")}
     assert len(names) >= 8
+
+
+def test_a_config_that_starts_from_another_run_shares_its_model():
+    """``train.init_from`` loads another run's weights: its model settings must be the same."""
+    for path in SHIPPED:
+        cfg = load_config(path)
+        if cfg.train.init_from:
+            source = load_config(REPO_ROOT / "configs" / f"{Path(cfg.train.init_from).name}.yaml")
+            assert cfg.model == source.model and cfg.data == source.data, path

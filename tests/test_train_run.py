@@ -144,6 +144,30 @@ def test_end_to_end_training_updates_only_the_trainable_layers(tmp_path, data, c
     assert (head_group["lr"], backbone_group["lr"]) == (0.003, 0.0005)
 
 
+def test_init_from_starts_end_to_end_training_from_a_frozen_runs_weights(tmp_path, data, cache, capsys):
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "heads.yaml", data, cache, "classifier", train={"epochs": 3, "lr": 0.01})
+    assert train(config, runs) == 0
+    source = json.loads((runs / "heads" / "metrics.json").read_text())["best"]
+    # Any step at lr 1e-12 changes nothing measurable: the first epoch scores the loaded weights.
+    still = ["train.frozen=false", "train.lr=1e-12", "train.epochs=1", "train.augment=[]"]
+    assert train(config, runs, "name=started", f"train.init_from={runs / 'heads'}", *still) == 0
+    assert f"starting from the weights of {runs / 'heads'}" in capsys.readouterr().err
+    assert float(history(runs / "started")[0]["val_loss"]) == pytest.approx(source["loss"], rel=1e-4)
+    assert train(config, runs, "name=fresh", *still) == 0
+    assert float(history(runs / "fresh")[0]["val_loss"]) != pytest.approx(source["loss"], rel=1e-2)
+
+    cases = [(["name=e1", "model.input_size=48"], "its model differs in input_size (32 there)"),
+             (["name=e2", f"train.init_from={tmp_path / 'nowhere'}"], "checkpoint not found")]
+    for extra, message in cases:
+        capsys.readouterr()
+        init = [] if any(item.startswith("train.init_from") for item in extra) else [
+            f"train.init_from={runs / 'heads'}"]
+        assert train(config, runs, *extra, *init, *still) == 2, extra
+        error = capsys.readouterr().err.strip().splitlines()
+        assert error[-1].startswith("error: ") and message in error[-1], (extra, error)
+
+
 def test_frozen_flips_are_cached_for_training_images_only(tmp_path, data):
     cache = tmp_path / "cache"
     config = write_config(tmp_path / "flips.yaml", data, cache, "classifier",
