@@ -157,13 +157,12 @@ def test_init_from_starts_end_to_end_training_from_a_frozen_runs_weights(tmp_pat
     assert train(config, runs, "name=fresh", *still) == 0
     assert float(history(runs / "fresh")[0]["val_loss"]) != pytest.approx(source["loss"], rel=1e-2)
 
-    cases = [(["name=e1", "model.input_size=48"], "its model differs in input_size (32 there)"),
+    cases = [(["name=e1", "model.input_size=48", f"train.init_from={runs / 'heads'}"],
+              "its model differs in input_size (32 there)"),
              (["name=e2", f"train.init_from={tmp_path / 'nowhere'}"], "checkpoint not found")]
     for extra, message in cases:
         capsys.readouterr()
-        init = [] if any(item.startswith("train.init_from") for item in extra) else [
-            f"train.init_from={runs / 'heads'}"]
-        assert train(config, runs, *extra, *init, *still) == 2, extra
+        assert train(config, runs, *extra, *still) == 2, extra
         error = capsys.readouterr().err.strip().splitlines()
         assert error[-1].startswith("error: ") and message in error[-1], (extra, error)
 

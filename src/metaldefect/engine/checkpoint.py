@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from metaldefect.atomic import atomic_path
-from metaldefect.errors import MetalDefectError
+from metaldefect.config import resolve_path
+from metaldefect.errors import ConfigError, MetalDefectError
 from metaldefect.models.factory import DefectModel, create_model
 
 
@@ -61,10 +62,36 @@ def model_from_checkpoint(checkpoint: dict, device: str | torch.device = "cpu") 
     if checkpoint["part"] == "model":
         spec["pretrained"] = False  # every weight comes from the checkpoint
     model = create_model(**spec)
+    load_trained_weights(model, checkpoint)
+    return model.to(device).eval()
+
+
+def load_trained_weights(model: DefectModel, checkpoint: dict) -> None:
+    """Load what the checkpoint's run trained (its head, tuned blocks or whole model) into ``model``."""
     if "backbone_state" in checkpoint:  # first: a tuned run's own blocks go on top
         model.backbone.load_state_dict(checkpoint["backbone_state"])
     model.load_trained(checkpoint["part"], checkpoint["state"])
-    return model.to(device).eval()
+
+
+# What must agree between a run and the run whose weights it starts from (train.init_from); the
+# backbone's weight source may differ, since the loaded weights replace them.
+SAME_FOR_INIT = ("backbone_name", "head_name", "num_classes", "input_size", "layers", "head_kwargs")
+
+
+def start_from(model: DefectModel, spec: dict, classes: list[str], source: str) -> None:
+    """Load into ``model`` what another run trained (``source``: its directory, for its best checkpoint, or a
+    checkpoint file): its head, tuned blocks or whole model, over the pretrained weights."""
+    path = resolve_path(source)
+    if path.is_dir():
+        path = path / "checkpoint_best.pt"
+    start = load_checkpoint(path)
+    theirs = start["model_spec"]
+    differ = [f"{key} ({theirs.get(key)!r} there)" for key in SAME_FOR_INIT if theirs.get(key) != spec.get(key)]
+    if differ:
+        raise ConfigError(f"train.init_from: {path}: its model differs in {', '.join(differ)}")
+    if list(start["classes"]) != list(classes):
+        raise ConfigError(f"train.init_from: {path}: its classes {start['classes']} are not this run's {classes}")
+    load_trained_weights(model, start)
 
 
 def load_run(run_dir: str | Path, which: str = "best",

@@ -33,7 +33,7 @@ from metaldefect.config import Config, resolve_path, save_config
 from metaldefect.data.dataset import FeatureDataset, ImageDataset, collate, with_images
 from metaldefect.data.mixing import Mixes, mix_plans
 from metaldefect.engine import distributed
-from metaldefect.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from metaldefect.engine.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint, start_from
 from metaldefect.engine.engine import evaluate, train_one_epoch, unwrap
 from metaldefect.engine.features import extract_features
 from metaldefect.engine.metrics import improved
@@ -310,29 +310,6 @@ def _train(cfg: Config, runs_dir: Path, resume: bool, dist: distributed.DistInfo
               "features_computed": features_computed, "precision": dtype_name(dtype)}
     _finish(cfg, run_dir, data, module, model, loaders, dist, history, state, base, timing)
     return run_dir
-
-
-# What must agree between a run and the run whose weights it starts from (train.init_from); the
-# backbone's weight source may differ, since the loaded weights replace them.
-SAME_FOR_INIT = ("backbone_name", "head_name", "num_classes", "input_size", "layers", "head_kwargs")
-
-
-def start_from(model: DefectModel, spec: dict, classes: list[str], source: str) -> None:
-    """Load into ``model`` what another run trained (``source``: its directory, for its best checkpoint, or a
-    checkpoint file): its head, tuned blocks or whole model, over the pretrained weights."""
-    path = resolve_path(source)
-    if path.is_dir():
-        path = path / "checkpoint_best.pt"
-    start = load_checkpoint(path)
-    theirs = start["model_spec"]
-    differ = [f"{key} ({theirs.get(key)!r} there)" for key in SAME_FOR_INIT if theirs.get(key) != spec.get(key)]
-    if differ:
-        raise ConfigError(f"train.init_from: {path}: its model differs in {', '.join(differ)}")
-    if list(start["classes"]) != list(classes):
-        raise ConfigError(f"train.init_from: {path}: its classes {start['classes']} are not this run's {classes}")
-    if "backbone_state" in start:
-        model.backbone.load_state_dict(start["backbone_state"])
-    model.load_trained(start["part"], start["state"])
 
 
 def trained_state(trained: nn.Module) -> dict:
