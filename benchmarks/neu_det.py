@@ -9,8 +9,10 @@ minutes), and inference ms/image (batch 1, image file to detections, wall clock)
 
 Dense detector: ``metaldefect.engine.train.train`` on the config, with a fresh feature
 cache under ``--out`` so that feature extraction is part of the measured training;
-with ``--refine``, ``metaldefect refine RUN`` (its default settings) trains the box refiner inside
-the same clock. Then ``Detector.load(run)`` predicts every image (product inference path, with the
+with ``--finetune CONFIG``, a second stage trains that config from the first run's weights
+(``train.init_from``, e.g. the heads fine-tuned end to end with the ViT) inside the same clock;
+with ``--refine``, ``metaldefect refine RUN`` (its default settings) trains the box refiner on the
+last stage's run, inside the same clock too. The command's overrides apply to every stage. Then ``Detector.load(run)`` predicts every image (product inference path, with the
 refiner when there is one, score threshold 0).
 
 YOLO11n (only when ``ultralytics`` is importable; it is never a dependency of the package):
@@ -24,6 +26,7 @@ with ``--threads`` torch threads like the dense detector (ultralytics would othe
 
     python benchmarks/neu_det.py --config configs/neu_det_dense.yaml --out runs/bench/neu_det_224
     python benchmarks/neu_det.py --config configs/neu_det_dense_pair.yaml --refine --out runs/bench/builtin
+    python benchmarks/neu_det.py --config configs/neu_det_dense_pair.yaml --finetune configs/neu_det_dense_pair_ft.yaml --refine --out runs/bench/two_stage
     python benchmarks/neu_det.py --config configs/neu_det_dense.yaml --out runs/bench/yolo_only --skip-dense --yolo-minutes 30
 
 Results: ``OUT/results.json`` and a markdown table on stdout (copied into docs/benchmarks.md).
@@ -101,23 +104,31 @@ def predict_timed(predict, records: list[Record]) -> tuple[list[list[Detection]]
     return predictions, seconds
 
 
-def run_dense(cfg, out: Path, data, refine: bool) -> dict:
-    """Train the configured detector from an empty feature cache (and, with ``refine``, its box refiner
-    with ``metaldefect refine``'s defaults, inside the timed training); score it through the product path."""
+def run_dense(cfg, out: Path, data, refine: bool, finetune=None) -> dict:
+    """Train the configured detector from an empty feature cache, then (``finetune``, a second config) a
+    second stage from its weights, then (``refine``) the box refiner with ``metaldefect refine``'s defaults,
+    all inside the timed training; score the last run through the product path."""
     cfg.train.cache_dir = str(out / "feature_cache")
     shutil.rmtree(cfg.train.cache_dir, ignore_errors=True)
-    shutil.rmtree(out / cfg.name, ignore_errors=True)
+    stages = [cfg] if finetune is None else [cfg, finetune]
+    for stage in stages:
+        shutil.rmtree(out / stage.name, ignore_errors=True)
     clock = Clock()
     run_dir = train(cfg, runs_dir=out)
-    detector_only = clock.minutes()  # features and heads
+    stage_minutes = {cfg.name: clock.minutes()}  # features and heads
+    if finetune is not None:
+        finetune.train.init_from = str(run_dir)
+        run_dir = train(finetune, runs_dir=out)
+        stage_minutes[finetune.name] = clock.minutes()
     if refine and cli_main(["refine", str(run_dir)]) != 0:
         raise SystemExit(f"metaldefect refine {run_dir} failed")
     training = clock.minutes()
-    print(f"dense: trained in {training} (before the refiner {detector_only})")
+    print(f"dense: trained in {training} (at the end of each stage, before the refiner: {stage_minutes})")
     detector = Detector.load(run_dir, backend="torch", tile="off", conf=0.0, batch_size=1)
-    result = {"system": f"dense ViT ({cfg.name}{' + refiner' if refine else ''})", "run": str(run_dir),
-              "input_size": cfg.model.input_size, "epochs": cfg.train.epochs, "training": training,
-              "training_before_refiner": detector_only}
+    name = " then ".join(stage.name for stage in stages) + (" + refiner" if refine else "")
+    result = {"system": f"dense ViT ({name})", "run": str(run_dir), "input_size": cfg.model.input_size,
+              "epochs": [stage.train.epochs for stage in stages], "training": training,
+              "training_at_stage_end": stage_minutes}
     for split in ("val", "test"):
         predictions, seconds = predict_timed(detector.predict, data.records[split])
         result[split] = score(data.records[split], predictions, data.classes, seconds)
@@ -199,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-dense", action="store_true", help="train YOLO11n only (needs --yolo-minutes)")
     parser.add_argument("--refine", action="store_true",
                         help="also train the box refiner (metaldefect refine RUN) as part of the dense training")
+    parser.add_argument("--finetune", metavar="CONFIG", default=None,
+                        help="a second stage: train this config from the first stage's run (train.init_from)")
     parser.add_argument("--no-yolo", action="store_true", help="skip YOLO11n even when ultralytics is installed")
     parser.add_argument("--yolo-minutes", type=float, default=None,
                         help="YOLO11n wall-clock training budget (default: the dense detector's training wall time)")
@@ -207,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
     cfg.train.progress = False
+    finetune = None
+    if args.finetune:
+        finetune = load_config(args.finetune, args.overrides)
+        finetune.train.progress = False
+        if finetune.name == cfg.name:
+            parser.error(f"both stages are named {cfg.name!r}: with --finetune, do not override name=")
+        if finetune.model != cfg.model or finetune.data != cfg.data:
+            parser.error(f"{args.finetune}: its model and data sections must be those of {args.config}")
     out = resolve_path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ensure_split(cfg, cfg.data.split_seed)
@@ -214,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     if not args.skip_dense:
-        results.append(run_dense(cfg, out, data, args.refine))
+        results.append(run_dense(cfg, out, data, args.refine, finetune))
     have_yolo = importlib.util.find_spec("ultralytics") is not None  # benchmark-only, never a dependency
     if not have_yolo:
         print("ultralytics is not installed: YOLO11n skipped (pip install ultralytics to compare)")
@@ -225,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_yolo(data, out, cfg.model.input_size, minutes, cfg.seed, args.threads))
 
     summary = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "config": args.config,
+               "finetune": args.finetune,
                "overrides": args.overrides, "split": str(resolve_path(cfg.data.split_dir)), "threads": args.threads,
                "classes": data.classes, "results": results}
     write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
