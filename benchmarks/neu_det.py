@@ -12,8 +12,9 @@ cache under ``--out`` so that feature extraction is part of the measured trainin
 with ``--finetune CONFIG``, a second stage trains that config from the first run's weights
 (``train.init_from``, e.g. the heads fine-tuned end to end with the ViT) inside the same clock;
 with ``--refine``, ``metaldefect refine RUN`` (its default settings) trains the box refiner on the
-last stage's run, inside the same clock too. The command's overrides apply to every stage. Then ``Detector.load(run)`` predicts every image (product inference path, with the
-refiner when there is one, score threshold 0).
+last stage's run, inside the same clock too. The command's overrides apply to every stage.
+Then ``Detector.load(run)`` predicts every image (product inference path, with the refiner when
+there is one, score threshold 0).
 
 YOLO11n (only when ``ultralytics`` is importable; it is never a dependency of the package):
 built from ``yolo11n.yaml`` (random initialisation, no pretrained weights), trained on the same

@@ -8,8 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from inference_factory import CLASSES, make_run, textured
 from PIL import Image
+from safetensors.torch import load_file
 from torchvision.ops import box_iou
 
 from metaldefect.data.transforms import to_input_tensor
@@ -221,6 +223,42 @@ def test_a_single_runs_card_gives_what_its_training_cost(tmp_path):
     markdown = (folder / "MODEL_CARD.md").read_text()
     assert ("- Best epoch: 1 (by val_loss, min); trained in 2254 s after 233 s of feature extraction, bfloat16\n"
             in markdown)
+
+
+def test_a_run_fine_tuned_from_another_packages_in_float16_with_both_costs(tmp_path, monkeypatch):
+    # The second stage of a two-stage recipe: a whole model, trained from a first run's weights (train.init_from).
+    first = make_run(tmp_path / "heads_first", part="head")
+    metrics = json.loads((first / "metrics.json").read_text())
+    (first / "metrics.json").write_text(json.dumps({**metrics, "best_epoch": 72, "train_seconds": 1254.2,
+                                                    "feature_seconds": 277.3, "precision": "bfloat16"}))
+    second = make_run(tmp_path / "end_to_end")
+    config = yaml.safe_load((second / "config.yaml").read_text())
+    (second / "config.yaml").write_text(yaml.safe_dump({**config, "train": {"init_from": str(first)}}))
+    with pytest.raises(MetalDefectError, match="weights dtype 'bfloat16': expected one of float32, float16"):
+        builtin.package_run(second, tmp_path / "refused", weights_dtype="bfloat16")
+    assert not (tmp_path / "refused").exists()
+
+    full = builtin.package_run(second, tmp_path / "float32_model")
+    folder = builtin.package_run(second, tmp_path / "builtin_model", weights_dtype="float16")
+    stored = load_file(str(folder / "weights.safetensors"))
+    assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.float16}
+    assert (folder / "weights.safetensors").stat().st_size < 0.55 * (full / "weights.safetensors").stat().st_size
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["weights_dtype"] == "float16" and card["part"] == "model"
+    assert card["started_from"] == {"run": "heads_first", "best_epoch": 72, "train_seconds": 1254.2,
+                                    "feature_seconds": 277.3, "precision": "bfloat16"}
+    markdown = (folder / "MODEL_CARD.md").read_text()
+    assert "fine-tuned, shipped here with the head. Weights stored in float16, loaded as float32." in markdown
+    assert ("- Started from the weights of run `heads_first` (`train.init_from`; its epoch 72; trained in 1254 s "
+            "after 277 s of feature extraction, bfloat16)") in markdown
+
+    monkeypatch.setattr(builtin, "BUILTIN_DIR", folder)
+    assert {p.dtype for p in builtin.load_builtin(folder)[0].parameters()} == {torch.float32}
+    packaged, original = Detector.load("builtin", conf=0.5, tile="off"), Detector.load(second, conf=0.5, tile="off")
+    image = textured(64, 48, seed=5)
+    got, expected = packaged.predict(image), original.predict(image)
+    assert expected and [d.label for d in got] == [d.label for d in expected]
+    assert max(abs(a.score - b.score) for a, b in zip(got, expected)) < 0.01
 
 
 def test_builtin_head_refuses_a_different_backbone(tmp_path):

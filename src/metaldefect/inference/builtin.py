@@ -4,7 +4,8 @@
 
     weights.safetensors  weights of the trained part: the head alone for a frozen-backbone
                          run (the backbone comes from its offline weights provider), the
-                         head and the tuned last ViT blocks for a ``tune_blocks`` run
+                         head and the tuned last ViT blocks for a ``tune_blocks`` run, the
+                         whole model for one trained end to end (in float16 when packaged so)
     refiner.safetensors  the run's box refiner, when it has one (``metaldefect refine``)
     model_card.json      what the model is: backbone and its weights' checksum, head, classes,
                          training command, data, split, metrics, the create_model spec, and
@@ -40,6 +41,7 @@ REFINER_WEIGHTS_FILE = "refiner.safetensors"
 CARD_FILE = "model_card.json"
 CARD_MARKDOWN = "MODEL_CARD.md"
 RUN_FILES = ("config.yaml", "classes.json", "metrics.json")
+STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # of weights.safetensors
 NO_BUILTIN = "no built-in model is packaged in this build; pass --model RUN (a training run directory)"
 
 
@@ -148,7 +150,19 @@ def card_from_run(run_dir: str | Path, checkpoint: dict, command: str | None = N
         **({"members": [{"run": Path(m["run"]).name, "best_epoch": m.get("best_epoch"),
                          **training_record(m)} for m in metrics["members"]]}
            if metrics.get("members") else {}),
+        # A run started from another's weights (train.init_from) cost that run's training too.
+        **_started_from((config.get("train") or {}).get("init_from") if isinstance(config, dict) else None),
     }
+
+
+def _started_from(init_from: str | None) -> dict:
+    """``{"started_from": {"run": name, **its training record}}`` for a run trained from another's weights."""
+    if not init_from:
+        return {}
+    source = Path(init_from)
+    run = source if source.is_dir() else source.parent  # a run folder, or a checkpoint file inside one
+    metrics = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
+    return {"started_from": {"run": run.name, "best_epoch": metrics.get("best_epoch"), **training_record(metrics)}}
 
 
 def _read_yaml(path: Path) -> dict:
@@ -161,14 +175,17 @@ def _read_yaml(path: Path) -> dict:
 
 
 def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: str | None = None,
-                score_threshold: float = 0.3, detection_metrics: dict | None = None) -> Path:
+                score_threshold: float = 0.3, detection_metrics: dict | None = None,
+                weights_dtype: str = "float32") -> Path:
     """Copy a run's trained weights, config, classes and metrics into ``dest`` with a model card.
 
     For a frozen-backbone run only the head's weights are copied; the backbone must come from
     an offline weights provider (not a local ``weights_file``), so a fresh install can rebuild it.
-    ``detection_metrics``: per split, a ``DetectionReport.to_dict()`` of the run's weights
-    (shown in the card). The run's box refiner (``refiner.pt``, from ``metaldefect refine``) is
-    packaged with it. ``dest`` is replaced as a whole, atomically.
+    ``detection_metrics``: per split, a ``DetectionReport.to_dict()`` (shown in the card).
+    ``weights_dtype="float16"`` stores the model's floating-point weights at half their size (a ViT
+    fine-tuned end to end ships whole: about 100 MB in float32, over PyPI's default file limit);
+    they load back as float32. The run's box refiner (``refiner.pt``, from ``metaldefect refine``)
+    is packaged with it, in float32. ``dest`` is replaced as a whole, atomically.
     """
     from safetensors.torch import save
 
@@ -185,8 +202,10 @@ def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: st
                                "a built-in model needs backbone weights an install can resolve offline")
     spec["weights_file"] = None
     card = card_from_run(run_dir, checkpoint, command)
+    if weights_dtype not in STORED_DTYPES:
+        raise MetalDefectError(f"weights dtype {weights_dtype!r}: expected one of {', '.join(STORED_DTYPES)}")
     card.update({"part": checkpoint["part"], "model_spec": spec, "score_threshold": score_threshold,
-                 "packaged_with": f"metaldefect {__version__}"})
+                 "weights_dtype": weights_dtype, "packaged_with": f"metaldefect {__version__}"})
     if detection_metrics:
         card["detection_metrics"] = {split: _detection_summary(report) for split, report in detection_metrics.items()}
     refiner = load_checkpoint(run_dir / REFINER_FILE) if (run_dir / REFINER_FILE).is_file() else None
@@ -194,7 +213,8 @@ def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: st
         card["refiner"] = {key: refiner.get(key) for key in ("kwargs", "settings", "best_epoch", "best",
                                                              "train_seconds", "precision")}
     with staged_directory(dest) as staging:
-        write_bytes(staging / WEIGHTS_FILE, save(_tensors(checkpoint["state"])))  # save_file would leave it 0600
+        weights = _tensors(checkpoint["state"], STORED_DTYPES[weights_dtype])
+        write_bytes(staging / WEIGHTS_FILE, save(weights))  # save_file would leave it 0600
         if refiner is not None:
             write_bytes(staging / REFINER_WEIGHTS_FILE, save(_tensors(refiner["state"])))
         for name in RUN_FILES:
@@ -205,8 +225,10 @@ def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: st
     return Path(dest)
 
 
-def _tensors(state: dict) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+def _tensors(state: dict, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The state's tensors, contiguous on the CPU; floating-point ones in ``dtype`` (integer buffers as they are)."""
+    return {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+            for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _detection_summary(report: dict) -> dict:
@@ -236,8 +258,8 @@ def _metric_rows(metrics: dict | None) -> list[str]:
 
 
 def _epoch_rows(card: dict) -> list[str]:
-    """The checkpoint's epoch, its training cost and its metrics; for an ensemble, which has no epoch of its
-    own, its members' runs, epochs and costs."""
+    """The checkpoint's epoch, its training cost (and that of the run it started from) and its metrics; for
+    an ensemble, which has no epoch of its own, its members' runs, epochs and costs."""
     if card.get("members"):
         return [f"- Ensemble of {len(card['members'])} dense heads, outputs averaged: "
                 + ", ".join(f"run `{m['run']}` (best epoch {m['best_epoch']}{_training_note(m)})"
@@ -251,7 +273,10 @@ def _epoch_rows(card: dict) -> list[str]:
     else:
         epoch = f"- Best epoch: {metrics.get('best_epoch')} (by {monitor.get('metric')}, {monitor.get('mode')})"
         val = ["Validation (best epoch):", "", "| metric | value |", "| --- | --- |", *_metric_rows(metrics.get("val"))]
-    return [epoch + _training_note(card.get("training") or {}),
+    started = card.get("started_from")
+    start = ([f"- Started from the weights of run `{started['run']}` (`train.init_from`; its epoch "
+              f"{started.get('best_epoch')}{_training_note(started)})"] if started else [])
+    return [epoch + _training_note(card.get("training") or {}), *start,
             "", "## Metrics", "", *val,
             "", "Test:", "", "| metric | value |", "| --- | --- |",
             *_metric_rows(metrics.get("test"))]
@@ -287,7 +312,9 @@ def card_markdown(card: dict) -> str:
         f"(tag `{weights.get('pretrained_tag')}`, sha256 `{weights.get('sha256')}`); "
         + {"head": "frozen, not shipped here: rebuilt from the offline provider.",
            "tuned": "rebuilt from the offline provider; its last blocks were tuned and are shipped here "
-                    "with the head."}.get(card.get("part"), "shipped here with the head."),
+                    "with the head."}.get(card.get("part"), "fine-tuned, shipped here with the head.")
+        + (f" Weights stored in {card['weights_dtype']}, loaded as float32."
+           if card.get("weights_dtype", "float32") != "float32" else ""),
         f"- Head: `{card['head']}` with `{json.dumps(card.get('head_kwargs') or {})}`",
         *([f"- Box refiner (`metaldefect refine`): `{json.dumps(card['refiner']['kwargs'])}`; it moves each "
            f"detection's sides from a crop of the image around it ({_refiner_note(card['refiner'])})"]
