@@ -192,6 +192,8 @@ def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: st
     from metaldefect.engine.checkpoint import load_checkpoint
     from metaldefect.engine.refine import REFINER_FILE
 
+    if weights_dtype not in STORED_DTYPES:
+        raise MetalDefectError(f"weights dtype {weights_dtype!r}: expected one of {', '.join(STORED_DTYPES)}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MetalDefectError(f"{run_dir}: run directory not found")
@@ -202,8 +204,6 @@ def package_run(run_dir: str | Path, dest: str | Path = BUILTIN_DIR, command: st
                                "a built-in model needs backbone weights an install can resolve offline")
     spec["weights_file"] = None
     card = card_from_run(run_dir, checkpoint, command)
-    if weights_dtype not in STORED_DTYPES:
-        raise MetalDefectError(f"weights dtype {weights_dtype!r}: expected one of {', '.join(STORED_DTYPES)}")
     card.update({"part": checkpoint["part"], "model_spec": spec, "score_threshold": score_threshold,
                  "weights_dtype": weights_dtype, "packaged_with": f"metaldefect {__version__}"})
     if detection_metrics:
