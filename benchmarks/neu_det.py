@@ -12,7 +12,8 @@ cache under ``--out`` so that feature extraction is part of the measured trainin
 with ``--finetune CONFIG``, a second stage trains that config from the first run's weights
 (``train.init_from``, e.g. the heads fine-tuned end to end with the ViT) inside the same clock;
 with ``--refine``, ``metaldefect refine RUN`` (its default settings) trains the box refiner on the
-last stage's run, inside the same clock too. The command's overrides apply to every stage.
+last stage's run, inside the same clock too. The command's overrides apply to every stage; those given with
+``--finetune-override`` apply to the second stage only, after them (e.g. fewer epochs for each stage).
 Then ``Detector.load(run)`` predicts every image (product inference path, with the refiner when
 there is one, score threshold 0).
 
@@ -28,6 +29,7 @@ with ``--threads`` torch threads like the dense detector (ultralytics would othe
     python benchmarks/neu_det.py --config configs/neu_det_dense.yaml --out runs/bench/neu_det_224
     python benchmarks/neu_det.py --config configs/neu_det_dense_pair.yaml --refine --out runs/bench/builtin
     python benchmarks/neu_det.py --config configs/neu_det_dense_pair.yaml --finetune configs/neu_det_dense_pair_ft.yaml --refine --out runs/bench/two_stage
+    python benchmarks/neu_det.py --config configs/neu_det_dense_pair.yaml --finetune configs/neu_det_dense_pair_ft.yaml --refine --out runs/bench/short train.epochs=36 --finetune-override train.epochs=4
     python benchmarks/neu_det.py --config configs/neu_det_dense.yaml --out runs/bench/yolo_only --skip-dense --yolo-minutes 30
 
 Results: ``OUT/results.json`` and a markdown table on stdout (copied into docs/benchmarks.md).
@@ -213,17 +215,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="also train the box refiner (metaldefect refine RUN) as part of the dense training")
     parser.add_argument("--finetune", metavar="CONFIG", default=None,
                         help="a second stage: train this config from the first stage's run (train.init_from)")
+    parser.add_argument("--finetune-override", metavar="KEY=VALUE", action="append", default=[],
+                        help="a config override for the second stage only (repeatable), applied after the others")
     parser.add_argument("--no-yolo", action="store_true", help="skip YOLO11n even when ultralytics is installed")
     parser.add_argument("--yolo-minutes", type=float, default=None,
                         help="YOLO11n wall-clock training budget (default: the dense detector's training wall time)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.epochs=12")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.finetune_override and not args.finetune:
+        parser.error("--finetune-override needs --finetune")
     cfg = load_config(args.config, args.overrides)
     cfg.train.progress = False
     finetune = None
     if args.finetune:
-        finetune = load_config(args.finetune, args.overrides)
+        finetune = load_config(args.finetune, [*args.overrides, *args.finetune_override])
         finetune.train.progress = False
         if finetune.name == cfg.name:
             parser.error(f"both stages are named {cfg.name!r}: with --finetune, do not override name=")
@@ -247,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_yolo(data, out, cfg.model.input_size, minutes, cfg.seed, args.threads))
 
     summary = {"command": " ".join([sys.executable.split("/")[-1], *sys.argv]), "config": args.config,
-               "finetune": args.finetune,
+               "finetune": args.finetune, "finetune_overrides": args.finetune_override,
                "overrides": args.overrides, "split": str(resolve_path(cfg.data.split_dir)), "threads": args.threads,
                "classes": data.classes, "results": results}
     write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
