@@ -26,8 +26,9 @@ from torch import nn
 from metaldefect.config import load_config
 from metaldefect.engine import distributed
 from metaldefect.engine.engine import train_one_epoch
+from metaldefect.engine.optim import build_optimizer
 from metaldefect.engine.precision import dtype_name, training_dtype
-from metaldefect.engine.train import build_data, build_loaders, build_model, build_optimizer, seed_everything
+from metaldefect.engine.train import build_data, build_loaders, build_model, seed_everything
 
 
 def with_stock_group_norm(module: nn.Module) -> nn.Module:

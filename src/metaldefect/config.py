@@ -55,6 +55,9 @@ class TrainConfig:
     trainable_layers: int | None = None  # end to end only: last N parameterised backbone layers train; null = all
     tune_blocks: int = 0  # frozen ViT only: its last N blocks train with the head on cached features of the rest
     backbone_lr: float | None = None  # learning rate of trained backbone weights; null = train.lr
+    # Layer-wise lr decay (BEiT): a ViT's block i of n (from 1) trains at backbone_lr * layer_decay ** (n - i), its
+    # patch embedding at backbone_lr * layer_decay ** n; null = backbone_lr for the whole backbone.
+    layer_decay: float | None = None
     # A run (its best checkpoint) or a checkpoint file whose trained weights this run starts from, e.g. heads trained
     # on frozen features, then fine-tuned end to end (train.frozen=false). The model settings must be the same.
     init_from: str | None = None
@@ -263,6 +266,8 @@ def _check_values(cfg: Config, source: str) -> None:
     if cfg.train.tune_blocks < 0 or (cfg.train.tune_blocks and not cfg.train.frozen):
         raise ConfigError(f"{source}: train.tune_blocks: must be >= 0, and is for train.frozen=true only "
                           f"(got {cfg.train.tune_blocks} with frozen={cfg.train.frozen})")
+    if cfg.train.layer_decay is not None and not 0 < cfg.train.layer_decay <= 1:
+        raise ConfigError(f"{source}: train.layer_decay: must be in (0, 1] or null, got {cfg.train.layer_decay}")
     if cfg.train.backbone_lr is not None and cfg.train.backbone_lr <= 0:
         raise ConfigError(f"{source}: train.backbone_lr: must be positive or null, got {cfg.train.backbone_lr}")
     if cfg.train.trainable_layers is not None and cfg.train.trainable_layers < 0:

@@ -37,6 +37,7 @@ from metaldefect.engine.checkpoint import capture_rng, load_checkpoint, restore_
 from metaldefect.engine.engine import evaluate, train_one_epoch, unwrap
 from metaldefect.engine.features import extract_features
 from metaldefect.engine.metrics import improved
+from metaldefect.engine.optim import build_optimizer, build_scheduler
 from metaldefect.engine.plots import plot_curves
 from metaldefect.engine.precision import dtype_name, training_dtype
 from metaldefect.engine.run_data import SPLITS, RunData, build_data, resolve_num_slots
@@ -146,30 +147,6 @@ def _source(feature_sets: dict, paths: list[str]):
         part = "none" if view == "none" else "views"
         return feature_sets[part].get(rows[part][paths[index]], view)
     return source
-
-
-def build_optimizer(cfg: Config, module: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of ``module``'s trainable parameters; backbone ones at ``train.backbone_lr`` if set."""
-    t = cfg.train
-    groups: dict[bool, list] = {False: [], True: []}
-    for name, parameter in module.named_parameters():
-        if parameter.requires_grad:
-            groups[".backbone." in f".{name}"].append(parameter)
-    parameters = [{"params": groups[False]}]
-    if groups[True]:
-        parameters.append({"params": groups[True], "lr": t.backbone_lr or t.lr})
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(parameters, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(parameters, lr=t.lr, weight_decay=t.weight_decay)
-
-
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per epoch: constant, or cosine annealing to 0 over ``train.epochs``."""
-    if cfg.train.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
 def build_ema(cfg: Config, trained: nn.Module) -> ModelEmaV3 | None:
