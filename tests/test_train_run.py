@@ -157,9 +157,18 @@ def test_init_from_starts_end_to_end_training_from_a_frozen_runs_weights(tmp_pat
     assert train(config, runs, "name=fresh", *still) == 0
     assert float(history(runs / "fresh")[0]["val_loss"]) != pytest.approx(source["loss"], rel=1e-2)
 
-    cases = [(["name=e1", "model.input_size=48", f"train.init_from={runs / 'heads'}"],
+    # A head trained alone may start a run at another input size; a whole model (its position embeddings for a
+    # ViT) may not, nor a head whose weights depend on the map's size (one flattening the whole map).
+    assert train(config, runs, "name=resized", "model.input_size=48", f"train.init_from={runs / 'heads'}",
+                 *still) == 0
+    flat = write_config(tmp_path / "flat.yaml", data, cache, "classifier", train={"epochs": 1},
+                        model={"head_kwargs": {"inputs": "map"}})
+    assert train(flat, runs) == 0
+    cases = [(["name=e1", "model.input_size=48", f"train.init_from={runs / 'started'}"],
               "its model differs in input_size (32 there)"),
-             (["name=e2", f"train.init_from={tmp_path / 'nowhere'}"], "checkpoint not found")]
+             (["name=e2", f"train.init_from={tmp_path / 'nowhere'}"], "checkpoint not found"),
+             (["name=e3", "model.input_size=48", "model.head_kwargs.inputs=map", f"train.init_from={runs / 'flat'}"],
+              "its weights do not fit this model (size mismatch for ")]
     for extra, message in cases:
         capsys.readouterr()
         assert train(config, runs, *extra, *still) == 2, extra

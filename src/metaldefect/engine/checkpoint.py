@@ -80,18 +80,29 @@ SAME_FOR_INIT = ("backbone_name", "head_name", "num_classes", "input_size", "lay
 
 def start_from(model: DefectModel, spec: dict, classes: list[str], source: str) -> None:
     """Load into ``model`` what another run trained (``source``: its directory, for its best checkpoint, or a
-    checkpoint file): its head, tuned blocks or whole model, over the pretrained weights."""
+    checkpoint file): its head, tuned blocks or whole model, over the pretrained weights.
+
+    A head trained alone (a frozen backbone's run, ``part: "head"``) may start a run at another input size:
+    a convolutional head such as the dense one holds nothing of the grid's size (a head whose weights do,
+    e.g. one flattening the whole map, fails to load with a one-line error). Tuned blocks or a whole model
+    hold a ViT's position embeddings for their own grid, so their input size must agree.
+    """
     path = resolve_path(source)
     if path.is_dir():
         path = path / "checkpoint_best.pt"
     start = load_checkpoint(path)
     theirs = start["model_spec"]
-    differ = [f"{key} ({theirs.get(key)!r} there)" for key in SAME_FOR_INIT if theirs.get(key) != spec.get(key)]
+    keys = [key for key in SAME_FOR_INIT if not (key == "input_size" and start["part"] == "head")]
+    differ = [f"{key} ({theirs.get(key)!r} there)" for key in keys if theirs.get(key) != spec.get(key)]
     if differ:
         raise ConfigError(f"train.init_from: {path}: its model differs in {', '.join(differ)}")
     if list(start["classes"]) != list(classes):
         raise ConfigError(f"train.init_from: {path}: its classes {start['classes']} are not this run's {classes}")
-    load_trained_weights(model, start)
+    try:
+        load_trained_weights(model, start)
+    except RuntimeError as error:  # load_state_dict's report of shapes that do not fit, many lines long
+        first = str(error).strip().splitlines()[-1].strip()
+        raise ConfigError(f"train.init_from: {path}: its weights do not fit this model ({first})") from None
 
 
 def load_run(run_dir: str | Path, which: str = "best",
