@@ -59,7 +59,8 @@ class TrainConfig:
     # patch embedding at backbone_lr * layer_decay ** n; null = backbone_lr for the whole backbone.
     layer_decay: float | None = None
     # A run (its best checkpoint) or a checkpoint file whose trained weights this run starts from, e.g. heads trained
-    # on frozen features, then fine-tuned end to end (train.frozen=false). The model settings must be the same.
+    # on frozen features, then fine-tuned end to end (train.frozen=false). The model settings must be the same,
+    # but for the input size when the source trained a head alone (engine.checkpoint.start_from).
     init_from: str | None = None
     cache_dir: str | None = None  # feature cache; null = $METALDEFECT_CACHE/features or ~/.cache/metaldefect/features
     epochs: int = 30
