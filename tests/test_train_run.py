@@ -159,8 +159,10 @@ def test_init_from_starts_end_to_end_training_from_a_frozen_runs_weights(tmp_pat
 
     # A head trained alone may start a run at another input size; a whole model (its position embeddings for a
     # ViT) may not, nor a head whose weights depend on the map's size (one flattening the whole map).
+    capsys.readouterr()
     assert train(config, runs, "name=resized", "model.input_size=48", f"train.init_from={runs / 'heads'}",
                  *still) == 0
+    assert f"starting from the weights of {runs / 'heads'}" in capsys.readouterr().err
     flat = write_config(tmp_path / "flat.yaml", data, cache, "classifier", train={"epochs": 1},
                         model={"head_kwargs": {"inputs": "map"}})
     assert train(flat, runs) == 0

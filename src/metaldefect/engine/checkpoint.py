@@ -101,8 +101,8 @@ def start_from(model: DefectModel, spec: dict, classes: list[str], source: str) 
     try:
         load_trained_weights(model, start)
     except RuntimeError as error:  # load_state_dict's report of shapes that do not fit, many lines long
-        first = str(error).strip().splitlines()[-1].strip()
-        raise ConfigError(f"train.init_from: {path}: its weights do not fit this model ({first})") from None
+        last_line = str(error).strip().splitlines()[-1].strip()
+        raise ConfigError(f"train.init_from: {path}: its weights do not fit this model ({last_line})") from None
 
 
 def load_run(run_dir: str | Path, which: str = "best",
