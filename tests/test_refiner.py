@@ -100,6 +100,15 @@ def test_refining_a_few_boxes_at_a_time_gives_the_same_boxes(monkeypatch):
     assert not torch.allclose(whole, boxes, atol=0.1)
 
 
+def test_the_refine_command_defaults_to_the_refiner_settings_defaults(tmp_path):
+    """The CLI states its defaults itself (it does not import torch to build its parser): they must not drift."""
+    from metaldefect.cli import build_parser
+    args = build_parser(["refine"]).parse_args(["refine", str(tmp_path)])
+    defaults = RefinerSettings()
+    for name in ("epochs", "jitter", "crop", "context", "seed", "precision"):
+        assert getattr(args, name) == getattr(defaults, name), name
+
+
 def test_jitter_moves_each_side_by_the_given_fraction_and_keeps_valid_boxes():
     boxes = torch.tensor([[100.0, 100.0, 200.0, 150.0]])  # far enough inside that clipping never cuts the noise
     noisy, source = jitter_boxes(boxes, 0.1, 4000, (400, 400), torch.Generator().manual_seed(0))

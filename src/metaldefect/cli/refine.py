@@ -14,8 +14,8 @@ def register(subparsers) -> None:
                     "--no-refine turns it off.")
     parser.add_argument("run", metavar="RUN", help="training run directory of a detector (with split/)")
     parser.add_argument("--epochs", type=int, default=48, help="passes over the training images (default: 48)")
-    parser.add_argument("--jitter", type=float, default=0.16,
-                        help="side noise as a fraction of the box's width or height (default: 0.16)")
+    parser.add_argument("--jitter", type=float, default=0.08,
+                        help="side noise as a fraction of the box's width or height (default: 0.08)")
     parser.add_argument("--crop", type=int, default=48,
                         help="side in pixels of the crop the refiner sees, a multiple of 16 (default: 48)")
     parser.add_argument("--context", type=float, default=2.0,

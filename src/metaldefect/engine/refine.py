@@ -47,7 +47,9 @@ class RefinerSettings:
     epochs: int = 48
     images_per_batch: int = 16
     jitters_per_box: int = 4  # jittered copies of each labelled box per epoch
-    jitter: float = 0.16  # standard deviation of a side's move, as a fraction of the box's width or height
+    # Standard deviation of a side's move, as a fraction of the box's width or height: 0.16 until session 32, where
+    # 0.08 moved fewer good boxes off a detector fine-tuned end to end (val mAP@0.5 +0.006 to +0.009, two seeds).
+    jitter: float = 0.08
     lr: float = 0.002
     weight_decay: float = 0.05
     crop: int = 48
