@@ -138,8 +138,9 @@ def dense_run(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_refiner_learns_to_undo_jitter_on_sharp_edged_defects(dense_run, precision):
-    settings = RefinerSettings(epochs=12, images_per_batch=8, jitters_per_box=8, crop=32, width=8, lr=0.004,
-                               precision=precision)
+    # Noise of 0.16 (the default until session 32) leaves a clear margin to undo on these few images.
+    settings = RefinerSettings(epochs=12, images_per_batch=8, jitters_per_box=8, jitter=0.16, crop=32, width=8,
+                               lr=0.004, precision=precision)
     refiner, summary = train_refiner(split_records(dense_run, "train"), split_records(dense_run, "val"),
                                      ["patches", "pitted_surface", "scratches"], settings, progress=False)
     best = summary["best"]
