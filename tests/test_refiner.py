@@ -3,7 +3,6 @@ applies it (Detector with PyTorch and ONNX Runtime, export, the built-in packagi
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -106,7 +105,7 @@ def test_the_refine_command_defaults_to_the_refiner_settings_defaults(tmp_path):
     from metaldefect.cli import build_parser
     args = build_parser(["refine"]).parse_args(["refine", str(tmp_path)])
     defaults = RefinerSettings()
-    for name in ("epochs", "jitter", "jitter_spread", "crop", "context", "seed", "precision"):
+    for name in ("epochs", "jitter", "crop", "context", "seed", "precision"):
         assert getattr(args, name) == getattr(defaults, name), name
 
 
@@ -122,20 +121,6 @@ def test_jitter_moves_each_side_by_the_given_fraction_and_keeps_valid_boxes():
     assert corner[:, 0::2].min() >= 0 and corner[:, 0::2].max() <= 30  # clipped to the image (W 30, H 25)
     assert corner[:, 1::2].min() >= 0 and corner[:, 1::2].max() <= 25
     assert (corner[:, 2] == 30).any() and (corner[:, 3] == 25).any()
-
-
-def test_a_jitter_spread_draws_each_copys_scale_log_uniformly_and_a_spread_of_one_changes_nothing():
-    boxes = torch.tensor([[100.0, 100.0, 200.0, 150.0]])
-    plain, _ = jitter_boxes(boxes, 0.1, 500, (400, 400), torch.Generator().manual_seed(0))
-    same, _ = jitter_boxes(boxes, 0.1, 500, (400, 400), torch.Generator().manual_seed(0), spread=1.0)
-    assert torch.equal(plain, same)  # old refiners' random stream is kept
-    noisy, _ = jitter_boxes(boxes, 0.01, 20000, (400, 400), torch.Generator().manual_seed(0), spread=4.0)
-    moves = (noisy - boxes) / torch.tensor([100.0, 50.0, 100.0, 50.0])
-    # A copy's four sides share its scale s = 0.01 * 4**u, u uniform in [-1, 1]: E[s^2] = 0.01^2 (16 - 1/16) / ln 256.
-    expected_std = 0.01 * ((16 - 1 / 16) / math.log(256)) ** 0.5
-    assert moves.std(dim=0).tolist() == pytest.approx([expected_std] * 4, rel=0.05)
-    per_copy = moves.abs().mean(dim=1)  # small for copies drawn near 1/4 of the scale, large near 4 times it
-    assert per_copy.quantile(0.9) / per_copy.quantile(0.1) > 6
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +197,6 @@ def test_refine_refusals_are_one_line_and_leave_the_run_alone(dense_run, tmp_pat
     assert "--crop must be a multiple of 16" in capsys.readouterr().err
     assert main(["refine", str(dense_run), "--force", "--jitter", "1.5"]) == 2
     assert "--jitter in (0, 1)" in capsys.readouterr().err
-    assert main(["refine", str(dense_run), "--force", "--jitter-spread", "0.5"]) == 2
-    assert "--jitter-spread at least 1" in capsys.readouterr().err
     assert (dense_run / REFINER_FILE).read_bytes() == before
     assert main(["refine", str(tmp_path)]) == 2
     assert "not a training run" in capsys.readouterr().err

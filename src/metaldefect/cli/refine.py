@@ -16,9 +16,6 @@ def register(subparsers) -> None:
     parser.add_argument("--epochs", type=int, default=48, help="passes over the training images (default: 48)")
     parser.add_argument("--jitter", type=float, default=0.08,
                         help="side noise as a fraction of the box's width or height (default: 0.08)")
-    parser.add_argument("--jitter-spread", type=float, default=1.0,
-                        help="each jittered box's noise scale is --jitter times a factor drawn log-uniformly "
-                             "from [1/S, S]; 1 gives every box the same scale (default: 1.0)")
     parser.add_argument("--crop", type=int, default=48,
                         help="side in pixels of the crop the refiner sees, a multiple of 16 (default: 48)")
     parser.add_argument("--context", type=float, default=2.0,
@@ -47,9 +44,8 @@ def run_refine(args) -> int:
         raise MetalDefectError(f"{run}: not a training run (no checkpoint_best.pt in it)")
     if target.exists() and not args.force:
         raise MetalDefectError(f"{target} exists; pass --force to replace it")
-    if args.epochs < 1 or not 0 < args.jitter < 1 or args.jitter_spread < 1:
-        raise MetalDefectError(f"--epochs must be at least 1, --jitter in (0, 1) and --jitter-spread at least 1; "
-                               f"got {args.epochs}, {args.jitter}, {args.jitter_spread}")
+    if args.epochs < 1 or not 0 < args.jitter < 1:
+        raise MetalDefectError(f"--epochs must be at least 1 and --jitter in (0, 1); got {args.epochs}, {args.jitter}")
     if args.crop < 16 or args.crop % 16 or args.context < 1:
         raise MetalDefectError(f"--crop must be a multiple of 16 (at least 16) and --context at least 1; "
                                f"got {args.crop}, {args.context}")
@@ -58,8 +54,8 @@ def run_refine(args) -> int:
     if head_name is None or head_class(head_name).task != "detect":
         raise MetalDefectError(f"{run}: not a detector run (head {head_name}); a box refiner needs boxes")
     classes = list(checkpoint["classes"])
-    settings = RefinerSettings(epochs=args.epochs, jitter=args.jitter, jitter_spread=args.jitter_spread,
-                               crop=args.crop, context=args.context, seed=args.seed, precision=args.precision)
+    settings = RefinerSettings(epochs=args.epochs, jitter=args.jitter, crop=args.crop, context=args.context,
+                               seed=args.seed, precision=args.precision)
     val = split_records(run, "val")
     refiner, summary = train_refiner(split_records(run, "train"), val, classes, settings,
                                      progress=sys.stderr.isatty())

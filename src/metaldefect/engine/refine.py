@@ -50,9 +50,6 @@ class RefinerSettings:
     # Standard deviation of a side's move, as a fraction of the box's width or height: 0.16 until session 32, where
     # 0.08 moved fewer good boxes off a detector fine-tuned end to end (val mAP@0.5 +0.006 to +0.009, two seeds).
     jitter: float = 0.08
-    # Each jittered copy's noise scale is ``jitter`` times a factor drawn log-uniformly from [1/spread, spread];
-    # 1 gives every copy the same scale (the refiner until session 33).
-    jitter_spread: float = 1.0
     lr: float = 0.002
     weight_decay: float = 0.05
     crop: int = 48
@@ -120,22 +117,16 @@ def collate_padded(items):
 
 
 def jitter_boxes(boxes: torch.Tensor, jitter: float, copies: int, image_size: tuple[int, int],
-                 generator: torch.Generator | None = None, spread: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``copies`` noisy versions of each of ``boxes`` ``[M, 4]``, clipped to the image ``(W, H)``.
 
-    Each side moves by Gaussian noise of ``jitter`` times the box's width or height; with ``spread`` > 1, each
-    copy's scale is multiplied by its own factor, log-uniform in ``[1/spread, spread]``.
     Returns the jittered boxes ``[copies * M', 4]`` and, for each, the row of ``boxes`` it came from;
     copies whose sides crossed are dropped.
     """
     source = torch.arange(len(boxes)).repeat(copies)
     base = boxes[source]
     size = (base[:, 2:] - base[:, :2]).repeat(1, 2)
-    noise = torch.randn(base.shape, generator=generator) * jitter
-    if spread > 1.0:  # drawn only then, so a spread of 1 leaves the random stream (and old refiners) as they were
-        exponent = torch.rand(len(base), 1, generator=generator) * 2.0 - 1.0  # uniform in [-1, 1]
-        noise = noise * spread ** exponent
-    noisy = base + noise * size
+    noisy = base + torch.randn(base.shape, generator=generator) * jitter * size
     width, height = image_size
     noisy = torch.stack([noisy[:, 0].clamp(0, width), noisy[:, 1].clamp(0, height),
                          noisy[:, 2].clamp(0, width), noisy[:, 3].clamp(0, height)], dim=1)
@@ -147,7 +138,7 @@ def refiner_loss(refiner: BoxRefiner, batch, settings: RefinerSettings, generato
     """Smooth-L1 loss of the deltas, and ``(jittered boxes, refined boxes, target boxes)`` of one batch."""
     images, boxes, labels, image_index = batch
     noisy, source = jitter_boxes(boxes, settings.jitter, settings.jitters_per_box,
-                                 (images.shape[-1], images.shape[-2]), generator, settings.jitter_spread)
+                                 (images.shape[-1], images.shape[-2]), generator)
     targets, labels, image_index = boxes[source], labels[source], image_index[source]
     deltas = refiner.deltas(images, image_index, noisy, labels)
     loss = F.smooth_l1_loss(deltas.float(), encode_deltas(noisy, targets), beta=0.5)
