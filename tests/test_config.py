@@ -50,8 +50,6 @@ def test_integer_given_for_a_float_is_accepted():
     (["train.epochs=0"], "train.epochs: must be positive"),
     (["train.tune_blocks=2", "train.frozen=false"], "train.tune_blocks: must be >= 0, and is for train.frozen=true"),
     (["train.backbone_lr=0"], "train.backbone_lr: must be positive or null"),
-    (["train.drop_path=0.1"], "train.drop_path: must be in [0, 1), and is for train.frozen=false only"),
-    (["train.drop_path=1.0", "train.frozen=false"], "train.drop_path: must be in [0, 1)"),
     (["lr"], "expected key=value"),
     (["train.lr.x=1"], "train.lr.x: 'lr' is not a section"),
 ])

@@ -144,21 +144,6 @@ def test_end_to_end_training_updates_only_the_trainable_layers(tmp_path, data, c
     assert (head_group["lr"], backbone_group["lr"]) == (0.003, 0.0005)
 
 
-def test_drop_path_trains_a_vit_end_to_end_and_stays_out_of_the_model_spec(tmp_path, data, cache, capsys):
-    config = write_config(tmp_path / "dp.yaml", data, cache, "classifier",
-                          train={"frozen": False, "epochs": 1, "augment": [], "drop_path": 0.1},
-                          model={"backbone": "vit_small_patch14_dinov2", "input_size": 28})
-    assert train(config, tmp_path / "runs") == 0
-    run = tmp_path / "runs" / "dp"
-    checkpoint = load_checkpoint(run / "checkpoint_last.pt")
-    assert "drop_path" not in checkpoint["model_spec"]  # it acts in training only: the run loads without it
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["drop_path"] == 0.1
-    assert load_run(run)[0].backbone.model.blocks[-1].drop_path1.__class__.__name__ == "Identity"
-    capsys.readouterr()
-    assert train(config, tmp_path / "runs", "name=cnn", "model.backbone=paper_cnn") == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: paper_cnn: cannot be built with")
-
-
 def test_init_from_starts_end_to_end_training_from_a_frozen_runs_weights(tmp_path, data, cache, capsys):
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "heads.yaml", data, cache, "classifier", train={"epochs": 3, "lr": 0.01})

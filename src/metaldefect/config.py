@@ -58,9 +58,6 @@ class TrainConfig:
     # Layer-wise lr decay (BEiT): a ViT's block i of n (from 1) trains at backbone_lr * layer_decay ** (n - i), its
     # patch embedding at backbone_lr * layer_decay ** n; null = backbone_lr for the whole backbone.
     layer_decay: float | None = None
-    # Stochastic depth while the backbone trains end to end (timm's drop_path_rate: a ViT's blocks skip their
-    # residual branches at rates rising linearly to this at the last); 0 = off. Nothing changes at inference.
-    drop_path: float = 0.0
     # A run (its best checkpoint) or a checkpoint file whose trained weights this run starts from, e.g. heads trained
     # on frozen features, then fine-tuned end to end (train.frozen=false). The model settings must be the same,
     # but for the input size when the source trained a head alone (engine.checkpoint.start_from).
@@ -272,9 +269,6 @@ def _check_values(cfg: Config, source: str) -> None:
                           f"(got {cfg.train.tune_blocks} with frozen={cfg.train.frozen})")
     if cfg.train.layer_decay is not None and not 0 < cfg.train.layer_decay <= 1:
         raise ConfigError(f"{source}: train.layer_decay: must be in (0, 1] or null, got {cfg.train.layer_decay}")
-    if not 0 <= cfg.train.drop_path < 1 or (cfg.train.drop_path and cfg.train.frozen):
-        raise ConfigError(f"{source}: train.drop_path: must be in [0, 1), and is for train.frozen=false only "
-                          f"(got {cfg.train.drop_path} with frozen={cfg.train.frozen})")
     if cfg.train.backbone_lr is not None and cfg.train.backbone_lr <= 0:
         raise ConfigError(f"{source}: train.backbone_lr: must be positive or null, got {cfg.train.backbone_lr}")
     if cfg.train.trainable_layers is not None and cfg.train.trainable_layers < 0:

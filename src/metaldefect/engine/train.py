@@ -63,10 +63,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(cfg: Config, data: RunData) -> tuple[DefectModel, dict]:
-    """The model and the ``create_model`` keyword arguments that rebuild it (stored in checkpoints).
-
-    ``train.drop_path`` is passed to ``create_model`` but kept out of the spec: it acts only in training.
-    """
+    """The model and the ``create_model`` keyword arguments that rebuild it (stored in checkpoints)."""
     head_kwargs = dict(cfg.model.head_kwargs)
     if cfg.model.head == "slots":
         head_kwargs["num_slots"] = resolve_num_slots(head_kwargs.get("num_slots", "auto"), data)
@@ -74,7 +71,7 @@ def build_model(cfg: Config, data: RunData) -> tuple[DefectModel, dict]:
                 pretrained=cfg.model.pretrained, weights_file=cfg.model.weights_file,
                 input_size=cfg.model.input_size, layers=cfg.model.layers, head_kwargs=head_kwargs)
     try:
-        model = create_model(**spec, drop_path=cfg.train.drop_path)
+        model = create_model(**spec)
     except ValueError as error:  # a head's own check of its options
         raise ConfigError(f"model.head_kwargs: {error}") from None
     return model, spec

@@ -150,15 +150,12 @@ def create_backbone(
     weights_file: str | None = None,
     input_size: int = 224,
     layers: tuple[int, ...] | None = None,
-    drop_path: float = 0.0,
 ) -> Backbone:
     """Backbone for timm ``name`` (optionally ``arch.tag``) in eval mode.
 
     ``pretrained=True`` resolves weights (WeightsError if none can be had); ``paper_cnn``
     is trained from scratch and always starts random. ``weights_file`` loads that file.
     ViTs need ``input_size`` to be a multiple of their patch size (ConfigError otherwise).
-    ``drop_path`` > 0 builds the model with timm's stochastic depth (``drop_path_rate``), active in train mode
-    only; it adds no weights, so a model built without it loads the same state dict.
     """
     check_model_name(name)
     arch, _ = split_name(name)
@@ -169,13 +166,7 @@ def create_backbone(
     if weights_file is not None or (pretrained and arch not in TRAINED_FROM_SCRATCH):
         resolved = resolve_weights(name, weights_file)  # before building the model: fail fast
     # The full name (with its tag) selects the pretrained config: mean and std of those weights.
-    options = {"img_size": input_size} if is_vit else {}
-    if drop_path:
-        options["drop_path_rate"] = drop_path
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, **options)
-    except TypeError as error:  # an architecture without stochastic depth rejects drop_path_rate
-        raise ConfigError(f"{name}: cannot be built with drop_path={drop_path} ({error})") from None
+    model = timm.create_model(name, pretrained=False, num_classes=0, **({"img_size": input_size} if is_vit else {}))
     if is_vit and input_size % model.patch_embed.patch_size[0]:
         patch = model.patch_embed.patch_size[0]
         raise ConfigError(f"{name}: input size {input_size} is not a multiple of the patch size {patch}")

@@ -97,17 +97,14 @@ def feature_dims(backbone: Backbone) -> dict:
 
 def create_model(backbone_name: str, head_name: str, num_classes: int, pretrained: bool = True,
                  weights_file: str | None = None, input_size: int = 224, layers: list[int] | None = None,
-                 head_kwargs: dict | None = None, drop_path: float = 0.0) -> DefectModel:
+                 head_kwargs: dict | None = None) -> DefectModel:
     """Backbone ``backbone_name`` (timm name; weights resolved offline) with head ``head_name``.
-
-    ``drop_path``: the backbone's stochastic depth in training (see :func:`create_backbone`).
 
     Raises WeightsError when ``pretrained`` weights cannot be had, ConfigError for unknown
     names or head options.
     """
     backbone = create_backbone(backbone_name, pretrained=pretrained, weights_file=weights_file,
-                               input_size=input_size, layers=tuple(layers) if layers is not None else None,
-                               drop_path=drop_path)
+                               input_size=input_size, layers=tuple(layers) if layers is not None else None)
     in_dims = feature_dims(backbone)
     head = create_head(head_name, in_dims, num_classes, **(head_kwargs or {}))
     return DefectModel(backbone, head, in_dims)
